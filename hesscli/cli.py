@@ -1,0 +1,328 @@
+"""The ``hesscli`` command line: parse options, call the library, format the result.
+
+Data goes to stdout (``--json``), people get stderr (tables, progress, warnings). Errors become one
+``Error:`` line and SPEC.md's exit code.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import signal
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - older typer depends on click
+    import click.exceptions as _cx
+
+from . import __version__
+from .errors import HesscliError, UsageError, clean_message
+
+app = typer.Typer(
+    name="hesscli",
+    help="The Hessian of a saved model's training loss with respect to its weights.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that ``finally`` blocks clean up (exit 143)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Options shared by commands, declared once and injected into each command's signature.
+
+
+@dataclass
+class Common:
+    json: bool = False
+    quiet: bool = False
+    out: Optional[str] = None
+    force: bool = False
+
+
+def _opt(name: str, annotation, default, *flags: str, help: str, **kw) -> inspect.Parameter:
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=Annotated[annotation, typer.Option(*flags, help=help, **kw)],
+    )
+
+
+MODEL_OPTIONS = [
+    _opt("data", Optional[list[str]], None, "--data", help="Data shard (.pt, .safetensors, .npz); repeat for several."),
+    _opt("arch", Optional[str], None, "--arch", help="Architecture for weights-only files: file.py:NAME or package.module:NAME."),
+    _opt("arch_kwargs", Optional[str], None, "--arch-kwargs", help="JSON object of keyword arguments for --arch."),
+    _opt("trust_code", bool, False, "--trust-code", help="Let a safetensors file's metadata name its architecture."),
+    _opt("loss", str, "auto", "--loss", help="auto, cross_entropy, mse, nll, bce_with_logits or model."),
+    _opt("reduction", str, "mean", "--reduction", help="mean or sum."),
+    _opt("input_key", Optional[str], None, "--input-key", help="Key of the inputs in the data shards."),
+    _opt("target_key", Optional[str], None, "--target-key", help="Key of the targets in the data shards."),
+    _opt("params", Optional[str], None, "--params", help="Regex selecting parameters by name (default: all)."),
+    _opt("batch_size", Optional[int], None, "--batch-size", help="Samples per micro-batch (default: a whole shard)."),
+    _opt("device", str, "auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    _opt("dtype", Optional[str], None, "--dtype", help="float32 or float64 (default: the parameters', at least float32)."),
+    _opt("seed", int, 0, "--seed", help="Seed for random vectors."),
+]
+
+COMMON_OPTIONS = [
+    _opt("json", bool, False, "--json", help="Print one JSON object on stdout."),
+    _opt("quiet", bool, False, "--quiet", "-q", help="No progress, no tables."),
+    _opt("out", Optional[str], None, "--out", "-o", help="Output file."),
+    _opt("force", bool, False, "--force", help="Overwrite an existing output file."),
+]
+
+_MODEL_NAMES = [p.name for p in MODEL_OPTIONS]
+_COMMON_NAMES = [p.name for p in COMMON_OPTIONS]
+
+
+def with_options(model: bool = True, common: bool = True):
+    """Add the shared options to a command; it receives ``spec_kw`` (dict) and ``common`` (Common)."""
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+        own = [p for n, p in sig.parameters.items() if n not in ("spec_kw", "common")]
+        extra = (MODEL_OPTIONS if model else []) + (COMMON_OPTIONS if common else [])
+        positional = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
+        keyword = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            spec_kw = {n: kw.pop(n) for n in _MODEL_NAMES if n in kw}
+            com = Common(**{n: kw.pop(n) for n in _COMMON_NAMES if n in kw})
+            extra_kw = {}
+            if "spec_kw" in sig.parameters:
+                extra_kw["spec_kw"] = spec_kw
+            if "common" in sig.parameters:
+                extra_kw["common"] = com
+            return fn(*args, **kw, **extra_kw)
+
+        wrapper.__signature__ = sig.replace(parameters=positional + keyword + extra)
+        wrapper.__annotations__ = {p.name: p.annotation for p in positional + keyword + extra}
+        del wrapper.__wrapped__
+        return wrapper
+
+    return deco
+
+
+def model_spec(model: str, spec_kw: dict):
+    from .api import ModelSpec
+
+    kw = dict(spec_kw)
+    kw["data"] = list(kw.get("data") or [])
+    return ModelSpec(model=model, **kw)
+
+
+def emit(summary: dict, common: Common, render) -> None:
+    """``--json`` to stdout; the human summary to stderr unless ``--quiet``."""
+    from .results import json_safe
+
+    if common.json:
+        sys.stdout.write(json.dumps(json_safe(summary), allow_nan=False) + "\n")
+        sys.stdout.flush()
+    if not common.quiet:
+        render()
+
+
+def _comm():
+    from . import distributed
+
+    return distributed.from_env()
+
+
+# ---------------------------------------------------------------------------------------------
+# compute, show, inspect
+
+
+@app.command()
+@with_options()
+def compute(
+    model: Annotated[str, typer.Argument(help="Model file: TorchScript, torch.export (.pt2), safetensors or state_dict.")],
+    *,
+    mode: Annotated[str, typer.Option("--mode", help="auto, full or block.")] = "auto",
+    blocks: Annotated[str, typer.Option("--blocks", help="Blocks of block mode: module or tensor.")] = "module",
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget, e.g. 4GB (default: half of what the process may use).")] = None,
+    eigenvectors: Annotated[bool, typer.Option("--eigenvectors", help="Store eigenvectors too.")] = False,
+    no_dense: Annotated[bool, typer.Option("--no-dense", help="Do not store the dense matrices.")] = False,
+    no_symmetry: Annotated[bool, typer.Option("--no-symmetry", help="Compute every column instead of one triangle of tensor blocks.")] = False,
+    split: Annotated[str, typer.Option("--split", help="Under torchrun: data (default) or columns.")] = "data",
+    spec_kw: dict,
+    common: Common,
+) -> int:
+    """The dense Hessian (full or block-diagonal) of a model's loss, into an .npz."""
+    from .api import compute as run_compute
+    from .console import err_console, make_progress, summary_footer, summary_table
+
+    con = err_console()
+    comm = _comm()
+    out = common.out or "hessian.npz"
+    if not spec_kw.get("data"):
+        raise UsageError("compute needs --data FILE")
+    if split not in ("data", "columns"):
+        raise UsageError(f"--split '{split}': choose data or columns")
+    summary = run_compute(
+        model_spec(model, spec_kw),
+        out,
+        mode=mode,
+        blocks=blocks,
+        max_memory=max_memory,
+        eigenvectors=eigenvectors,
+        no_dense=no_dense,
+        symmetric=not no_symmetry,
+        force=common.force,
+        progress=make_progress(con, common.quiet or (comm is not None and comm.rank != 0)),
+        comm=comm,
+        split=split,
+    )
+    if comm is not None and comm.rank != 0:
+        return 0
+
+    def render():
+        con.print(summary_table(summary))
+        con.print(summary_footer(summary))
+        for note in summary.get("notes", []):
+            con.print(f"note: {note}")
+        con.print(f"wrote {summary['out']}")
+
+    emit(summary, common, render)
+    return 0
+
+
+@app.command()
+@with_options(model=False)
+def show(
+    result: Annotated[str, typer.Argument(help="A result file written by hesscli.")],
+    *,
+    common: Common,
+) -> int:
+    """Print the summary of a result file."""
+    from .console import err_console, summary_footer, summary_table
+    from .results import read_result, summarize
+
+    rf = read_result(result)
+    summary = summarize(rf)
+    con = err_console()
+
+    def render():
+        con.print(summary_table(summary, title=f"{rf.meta.get('command', 'result')}: {result}"))
+        con.print(summary_footer(summary))
+
+    emit(summary, common, render)
+    return 0
+
+
+@app.command()
+@with_options()
+def inspect_(
+    model: Annotated[str, typer.Argument(help="Model file.")],
+    *,
+    spec_kw: dict,
+    common: Common,
+) -> int:
+    """List a model's parameters and blocks, and the memory full and block mode would need."""
+    from .inspection import inspect_model
+
+    from .console import err_console
+
+    con = err_console()
+    summary, render = inspect_model(model_spec(model, spec_kw), con)
+    emit(summary, common, render)
+    return 0
+
+
+app.registered_commands[-1].name = "inspect"
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (matrix-free, merge)."""
+    import importlib
+
+    for mod in ("hesscli.cli_matrixfree", "hesscli.cli_merge"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+_register_optional_commands()
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns SPEC.md's exit code."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch.jit.*")
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("--version", "-V"):
+        print(f"hesscli {__version__}")
+        return 0
+    code = 0
+    try:
+        rv = app(args=args, prog_name="hesscli", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except (_cx.Exit, typer.Exit) as e:
+        code = getattr(e, "exit_code", 0)
+    except _cx.UsageError as e:
+        msg = clean_message(e.format_message())
+        ctx = e.ctx
+        usage = ctx.get_usage() if ctx is not None else ""
+        sys.stderr.write((usage + "\n" if usage else "") + f"Error: {msg}\n")
+        code = 2
+    except (_cx.Abort, typer.Abort):
+        sys.stderr.write("Error: interrupted\n")
+        code = 130
+    except HesscliError as e:
+        sys.stderr.write(f"Error: {e.message}\n")
+        code = e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("Error: interrupted (SIGINT); no output was written\n")
+        code = 130
+    except Terminated:
+        sys.stderr.write("Error: terminated (SIGTERM); no output was written\n")
+        code = 143
+    except MemoryError:
+        sys.stderr.write("Error: out of memory; lower --max-memory or --batch-size, or use --mode block\n")
+        code = 1
+    except Exception as e:  # a bug: still one line, with its type, and the traceback with HESSCLI_DEBUG
+        import os
+
+        if os.environ.get("HESSCLI_DEBUG"):
+            raise
+        sys.stderr.write(f"Error: internal error: {type(e).__name__}: {clean_message(e)} (set HESSCLI_DEBUG=1 for a traceback)\n")
+        code = 1
+    finally:
+        try:
+            from . import distributed
+
+            distributed.shutdown(code)
+        except ImportError:
+            pass
+    return code
+
+
+def run() -> None:
+    sys.exit(main())

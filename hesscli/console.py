@@ -1,0 +1,108 @@
+"""Human output on stderr (Rich tables, progress bars); stdout is reserved for ``--json``."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .progress import NullProgress, Progress
+
+__all__ = ["err_console", "make_progress", "summary_table", "fmt_num"]
+
+
+def err_console() -> Console:
+    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False, soft_wrap=False)
+
+
+class RichBar(Progress):
+    def __init__(self, console: Console):
+        self.console = console
+        self._p: RichProgress | None = None
+        self._task = None
+
+    def start(self, total: int, description: str = "") -> None:
+        self.stop()
+        self._p = RichProgress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._p.start()
+        self._task = self._p.add_task(description, total=total, info="")
+
+    def advance(self, n: int = 1, **fields) -> None:
+        if self._p is not None:
+            info = " ".join(f"{k}={v}" for k, v in fields.items())
+            self._p.update(self._task, advance=n, info=info)
+
+    def stop(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
+
+
+def make_progress(console: Console, quiet: bool) -> Progress:
+    """A Rich bar when stderr is a terminal and ``--quiet`` is not given; else nothing."""
+    if quiet or not sys.stderr.isatty():
+        return NullProgress()
+    return RichBar(console)
+
+
+def fmt_num(x, digits: int = 5) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e5:
+        return f"{x:.{digits}g}"
+    return f"{x:.{max(digits - 1, 1)}e}"
+
+
+def summary_table(summary: dict, title: str = "Hessian") -> Table:
+    """Per block: name, shape, size, trace, λmax, λmin, negative eigenvalues; then the totals."""
+    approx = summary.get("approximation")
+    t = Table(title=f"{title} ({summary.get('mode')}{', block-diagonal' if approx else ''})", title_justify="left")
+    for col, just in (("block", "left"), ("shape", "left"), ("size", "right"), ("trace", "right"),
+                      ("λmax", "right"), ("λmin", "right"), ("negative", "right")):
+        t.add_column(col, justify=just)
+    for b in summary.get("blocks", []):
+        shapes = ", ".join("×".join(str(d) for d in s) if s else "scalar" for s in (b.get("shapes") or []) if s is not None)
+        t.add_row(b["name"], shapes, fmt_num(b.get("size")), fmt_num(b.get("trace")), fmt_num(b.get("lambda_max")),
+                  fmt_num(b.get("lambda_min")), fmt_num(b.get("n_negative")))
+    if len(summary.get("blocks", [])) != 1:
+        t.add_section()
+        t.add_row("total", "", fmt_num(summary.get("n_params")), fmt_num(summary.get("trace")),
+                  fmt_num(summary.get("lambda_max")), fmt_num(summary.get("lambda_min")), fmt_num(summary.get("n_negative")))
+    return t
+
+
+def summary_footer(summary: dict) -> str:
+    parts = [
+        f"P = {fmt_num(summary.get('n_params'))}",
+        f"samples = {fmt_num(summary.get('n_samples'))}",
+        f"loss = {summary.get('loss')} ({summary.get('reduction')})",
+        f"{summary.get('dtype')} on {summary.get('device')}",
+    ]
+    if summary.get("hvps") is not None:
+        parts.append(f"{fmt_num(summary.get('hvps'))} HVPs")
+    if summary.get("seconds") is not None:
+        parts.append(f"{summary['seconds']:.2f} s")
+    if summary.get("asymmetry") is not None:
+        parts.append(f"asymmetry {summary['asymmetry']:.1e}")
+    if summary.get("negative_threshold"):
+        parts.append(f"negative below −{summary['negative_threshold']:.1e}")
+    return " · ".join(parts)

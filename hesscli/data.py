@@ -1,0 +1,223 @@
+"""Data shards: ``.pt`` (``weights_only=True``), ``.safetensors`` and ``.npz`` (``allow_pickle=False``).
+
+Several shards count as one data set; :meth:`Dataset.pieces` walks it in micro-batches of at most
+``batch_size`` samples, one shard in memory at a time (SPEC.md, Data shards).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import HesscliError, UsageError
+from .loading import _check_readable, file_sha256, is_safetensors, load_safetensors_file, torch_load_safe, zip_kind
+
+__all__ = ["Shard", "Dataset", "load_dataset", "KEY_PAIRS"]
+
+KEY_PAIRS = (("inputs", "targets"), ("x", "y"), ("input", "target"), ("input_ids", "labels"))
+
+_CACHE_BYTES = 256 << 20  # shards smaller than this in total stay in memory between passes
+
+
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {}
+            for k in z.files:
+                arr = z[k]
+                if arr.dtype.kind not in "biuf":
+                    raise HesscliError(f"data file '{path}': array '{k}' has dtype {arr.dtype}, not numeric")
+                out[k] = torch.from_numpy(np.ascontiguousarray(arr))
+            return out
+    except HesscliError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object" in str(e).lower():
+            raise HesscliError(
+                f"data file '{path}' holds object arrays, which need a pickle; hesscli loads "
+                ".npz with allow_pickle=False and refuses it"
+            ) from None
+        raise HesscliError(f"cannot read data file '{path}' as .npz: {e}") from None
+    except Exception as e:
+        raise HesscliError(f"cannot read data file '{path}' as .npz: {type(e).__name__}: {e}") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
+    """The raw content of a data file, by content: a dict of tensors or an (inputs, targets) pair."""
+    _check_readable(path, "data")
+    if is_safetensors(path):
+        tensors, _ = load_safetensors_file(path, "data")
+        return tensors
+    kind = zip_kind(path)
+    if kind == "npz":
+        return _read_npz(path)
+    if kind in ("torchscript", "export"):
+        raise HesscliError(f"data file '{path}' is a model archive, not a data shard")
+    if kind == "torch_save" or path.read_bytes()[:1] == b"\x80":
+        obj = torch_load_safe(path, "data")
+        if isinstance(obj, dict):
+            bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+            if bad:
+                raise HesscliError(f"data file '{path}': entries {', '.join(bad[:5])} are not tensors")
+            return {str(k): v for k, v in obj.items()}
+        if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
+            return (obj[0], obj[1])
+        raise HesscliError(
+            f"data file '{path}' holds a {type(obj).__name__}; expected a dict of tensors or a pair (inputs, targets)"
+        )
+    raise HesscliError(f"data file '{path}' is not a format hesscli knows (.pt from torch.save, .safetensors, .npz)")
+
+
+def pick_keys(
+    content: dict | tuple, path: Path, input_key: str | None, target_key: str | None
+) -> tuple[torch.Tensor, torch.Tensor, str, str]:
+    if isinstance(content, tuple):
+        if input_key or target_key:
+            raise HesscliError(f"data file '{path}' holds a pair (inputs, targets), not named keys; drop --input-key/--target-key")
+        return content[0], content[1], "0", "1"
+    keys = list(content)
+    if input_key or target_key:
+        ik, tk = input_key, target_key
+        if ik is None or tk is None:
+            for a, b in KEY_PAIRS:
+                if ik is None and b == tk and a in content:
+                    ik = a
+                if tk is None and a == ik and b in content:
+                    tk = b
+        for flag, k in (("--input-key", ik), ("--target-key", tk)):
+            if k is None:
+                raise UsageError(f"data file '{path}': give {flag} too (keys: {', '.join(keys)})")
+            if k not in content:
+                raise HesscliError(f"data file '{path}' has no key '{k}' ({flag}); its keys: {', '.join(keys)}")
+        return content[ik], content[tk], ik, tk
+    for a, b in KEY_PAIRS:
+        if a in content and b in content:
+            return content[a], content[b], a, b
+    raise HesscliError(
+        f"data file '{path}' has none of the key pairs inputs/targets, x/y, input/target, input_ids/labels "
+        f"(its keys: {', '.join(keys) or 'none'}); name them with --input-key and --target-key"
+    )
+
+
+@dataclass
+class Shard:
+    path: str
+    sha256: str
+    n_samples: int
+    input_key: str
+    target_key: str
+    start: int = 0
+    stop: int | None = None  # sample range of the file this shard covers (distributed split)
+
+    @property
+    def size(self) -> int:
+        stop = self.n_samples if self.stop is None else self.stop
+        return max(0, stop - self.start)
+
+
+@dataclass
+class Dataset:
+    """One data set made of shards; samples are the first dimension of inputs and targets."""
+
+    shards: list[Shard]
+    input_key: str | None = None
+    target_key: str | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+    _cache_ok: bool = True
+
+    @property
+    def n_samples(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    def _load(self, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+        if shard.path in self._cache:
+            return self._cache[shard.path]
+        content = read_tensors(Path(shard.path))
+        x, y, _, _ = pick_keys(content, Path(shard.path), self.input_key, self.target_key)
+        if self._cache_ok:
+            self._cache[shard.path] = (x, y)
+        return x, y
+
+    def pieces(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, targets) micro-batches of at most ``batch_size`` samples, shard by shard."""
+        for shard in self.shards:
+            if shard.size == 0:
+                continue
+            x, y = self._load(shard)
+            stop = shard.n_samples if shard.stop is None else shard.stop
+            step = batch_size or (stop - shard.start)
+            for s in range(shard.start, stop, step):
+                e = min(s + step, stop)
+                yield x[s:e], y[s:e]
+
+    def first(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first ``n`` samples of the first non-empty shard (for checks and examples)."""
+        for shard in self.shards:
+            if shard.size:
+                x, y = self._load(shard)
+                e = min(shard.start + n, shard.stop or shard.n_samples)
+                return x[shard.start : e], y[shard.start : e]
+        return None
+
+    def split(self, rank: int, world: int) -> "Dataset":
+        """This rank's part: whole files when there are at least ``world`` shards, else sample ranges."""
+        if world <= 1:
+            return self
+        if len(self.shards) >= world:
+            mine = [s for i, s in enumerate(self.shards) if i % world == rank]
+        else:
+            mine = []
+            total = self.n_samples
+            lo, hi = total * rank // world, total * (rank + 1) // world
+            off = 0
+            for s in self.shards:
+                a, b = max(lo, off), min(hi, off + s.size)
+                if a < b:
+                    mine.append(replace(s, start=s.start + a - off, stop=s.start + b - off))
+                off += s.size
+        return Dataset(mine, self.input_key, self.target_key, self._cache, self._cache_ok)
+
+    def describe(self) -> list[dict]:
+        return [{"path": s.path, "sha256": s.sha256, "n_samples": s.size} for s in self.shards]
+
+
+def load_dataset(paths: list[str | os.PathLike], input_key: str | None = None, target_key: str | None = None) -> Dataset:
+    """Open every shard once, check its keys and lengths, and describe it (the tensors stay cached
+    when the files are small)."""
+    if not paths:
+        raise UsageError("no data: pass --data FILE (one or more)")
+    shards = []
+    total_bytes = 0
+    ds = Dataset([], input_key, target_key)
+    for raw in paths:
+        p = Path(raw)
+        content = read_tensors(p)
+        x, y, ik, tk = pick_keys(content, p, input_key, target_key)
+        for name, t in (("inputs", x), ("targets", y)):
+            if t.dim() == 0:
+                raise HesscliError(f"data file '{p}': {name} '{ik if name == 'inputs' else tk}' is a scalar; the first dimension must index samples")
+        if x.shape[0] != y.shape[0]:
+            raise HesscliError(
+                f"data file '{p}': inputs '{ik}' have {x.shape[0]} samples {tuple(x.shape)} but targets "
+                f"'{tk}' have {y.shape[0]} {tuple(y.shape)}"
+            )
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0, 0]) if x.dim() > 1 else int((~torch.isfinite(x)).nonzero()[0, 0])
+            raise HesscliError(f"data file '{p}': inputs '{ik}' contain NaN or Inf (first at sample {bad})")
+        if y.is_floating_point() and not torch.isfinite(y).all():
+            raise HesscliError(f"data file '{p}': targets '{tk}' contain NaN or Inf")
+        total_bytes += x.numel() * x.element_size() + y.numel() * y.element_size()
+        shards.append(Shard(str(p), file_sha256(p), int(x.shape[0]), ik, tk))
+        ds._cache[str(p)] = (x, y)
+    if sum(s.n_samples for s in shards) == 0:
+        raise HesscliError("the data holds no samples: " + ", ".join(str(p) for p in paths))
+    ds.shards = shards
+    if total_bytes > _CACHE_BYTES:
+        ds._cache.clear()
+        ds._cache_ok = False
+    return ds

@@ -1,0 +1,48 @@
+"""Device and dtype choice, and the numerical settings second-order work needs."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import HesscliError, UsageError
+
+__all__ = ["resolve_device", "resolve_dtype", "no_tf32"]
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    spec = (spec or "auto").strip()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        try:
+            dev = torch.device(spec)
+        except RuntimeError:
+            raise UsageError(f"--device '{spec}' is not a device; use auto, cpu, cuda or cuda:N") from None
+        if not torch.cuda.is_available():
+            raise HesscliError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        idx = dev.index or 0
+        if idx >= torch.cuda.device_count():
+            raise HesscliError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device("cuda", idx)
+    raise UsageError(f"--device '{spec}' is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(spec: str | None, param_dtypes: list[torch.dtype]) -> torch.dtype:
+    """``--dtype``, else the parameters' dtype raised to at least float32."""
+    if spec in (None, "", "auto"):
+        if any(d == torch.float64 for d in param_dtypes):
+            return torch.float64
+        return torch.float32
+    table = {"float32": torch.float32, "float64": torch.float64}
+    if spec not in table:
+        raise UsageError(f"--dtype '{spec}': choose float32 or float64")
+    return table[spec]
+
+
+def no_tf32() -> None:
+    """TF32 loses about three digits of a float32 Hessian on CUDA: off for hesscli's work."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False

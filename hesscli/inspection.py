@@ -1,0 +1,99 @@
+"""``hesscli inspect``: a model's parameters and blocks, and what dense work on it would cost."""
+
+from __future__ import annotations
+
+import re
+
+from rich.console import Console
+from rich.table import Table
+
+from .api import ModelSpec, open_session
+from .console import fmt_num
+from .dense import dense_bytes
+from .errors import UsageError
+from .loading import load_model, parse_arch_kwargs
+from .memory import default_budget, fmt_bytes
+from .objective import param_blocks
+
+__all__ = ["inspect_model"]
+
+
+def inspect_model(spec: ModelSpec, console: Console):
+    """Summary dict and a renderer for ``hesscli inspect``."""
+    import torch
+
+    session = None
+    if spec.data:
+        session = open_session(spec)
+        obj = session.objective
+        names, shapes, lm = obj.names, obj.shapes, session.model
+        itemsize = torch.empty((), dtype=obj.dtype).element_size()
+        dtype = str(obj.dtype).replace("torch.", "")
+        device = obj.device
+    else:
+        kwargs = parse_arch_kwargs(spec.arch_kwargs) if isinstance(spec.arch_kwargs, str) else spec.arch_kwargs
+        lm = load_model(spec.model, spec.arch, kwargs, spec.trust_code)
+        named = lm.named_parameters()
+        if spec.params:
+            try:
+                rx = re.compile(spec.params)
+            except re.error as e:
+                raise UsageError(f"--params '{spec.params}' is not a regular expression: {e}") from None
+            named = [(n, p) for n, p in named if rx.search(n)]
+            if not named:
+                raise UsageError(f"--params '{spec.params}' selects no parameter")
+        names = [n for n, _ in named]
+        shapes = [tuple(p.shape) for _, p in named]
+        dt = spec.dtype or ("float64" if any(p.dtype == torch.float64 for _, p in named) else "float32")
+        itemsize = 8 if dt == "float64" else 4
+        dtype = dt
+        device = torch.device("cpu")
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    P = offsets[-1]
+    blocks = param_blocks(names, offsets, "module")
+    full_bytes = dense_bytes([P], itemsize, False) if P else 0
+    block_bytes = dense_bytes([b.size for b in blocks], itemsize, False) if P else 0
+    budget = default_budget(device)
+    summary = {
+        "status": "ok",
+        "command": "inspect",
+        "model": {"path": lm.path, "format": lm.format, "sha256": lm.sha256},
+        "n_params": P,
+        "dtype": dtype,
+        "params": [{"name": n, "shape": list(s), "size": z} for n, s, z in zip(names, shapes, sizes)],
+        "blocks": [{"name": b.name, "size": b.size, "params": [names[i] for i in b.tensors],
+                    "dense_bytes": dense_bytes([b.size], itemsize, False)} for b in blocks],
+        "full_bytes": full_bytes,
+        "block_bytes": block_bytes,
+        "default_budget": budget,
+        "fits": "full" if full_bytes <= budget else ("block" if block_bytes <= budget else "matrix-free only"),
+    }
+    if session is not None:
+        obj = session.objective
+        summary.update(n_samples=obj.n_samples, n_loss_terms=obj.n_loss_terms, loss=obj.loss.name,
+                       reduction=obj.reduction, loss_value=obj.loss_value, notes=obj.info.notes)
+
+    def render():
+        t = Table(title=f"{lm.path} ({lm.format}, {dtype})", title_justify="left")
+        for c, j in (("parameter", "left"), ("shape", "left"), ("size", "right")):
+            t.add_column(c, justify=j)
+        for n, s, z in zip(names, shapes, sizes):
+            t.add_row(n, "×".join(map(str, s)) or "scalar", fmt_num(z))
+        console.print(t)
+        bt = Table(title="blocks (--blocks module)", title_justify="left")
+        for c, j in (("block", "left"), ("size", "right"), ("dense memory", "right")):
+            bt.add_column(c, justify=j)
+        for b in summary["blocks"]:
+            bt.add_row(b["name"], fmt_num(b["size"]), fmt_bytes(b["dense_bytes"]))
+        console.print(bt)
+        console.print(
+            f"P = {P:,} · full mode needs about {fmt_bytes(full_bytes)} · block mode {fmt_bytes(block_bytes)} · "
+            f"default budget {fmt_bytes(budget)} → {summary['fits']}"
+        )
+        if session is not None:
+            console.print(f"{obj.n_samples:,} samples · loss {obj.loss.name} ({obj.reduction}) = {obj.loss_value:.6g}")
+
+    return summary, render

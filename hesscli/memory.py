@@ -1,0 +1,73 @@
+"""Memory budgets: parse sizes, find what the process may use, format bytes."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+__all__ = ["parse_size", "default_budget", "fmt_bytes", "available_memory"]
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``4GB``, ``512MiB``, ``1e9`` → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"--max-memory '{text}' is not a size (e.g. 4GB, 512MiB)")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise UsageError(f"--max-memory '{text}' must be positive")
+    return int(value)
+
+
+def _cgroup_limit() -> int | None:
+    for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(p).read_text().strip()
+        except OSError:
+            continue
+        if text and text != "max":
+            try:
+                v = int(text)
+            except ValueError:
+                continue
+            if 0 < v < 1 << 60:
+                return v
+    return None
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def available_memory(device: torch.device) -> int:
+    """What the process may use: the device's total on CUDA, else the cgroup limit or physical RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    lim = _cgroup_limit()
+    phys = physical_memory()
+    return min(lim, phys) if lim else phys
+
+
+def default_budget(device: torch.device) -> int:
+    """Half of :func:`available_memory` (SPEC.md, ``--max-memory``)."""
+    return available_memory(device) // 2
+
+
+def fmt_bytes(n: float) -> str:
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
