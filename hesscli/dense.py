@@ -159,8 +159,12 @@ def dense_hessian(
     chunk_size: int | None = None,
     progress: Progress | None = None,
     plan: DensePlan | None = None,
+    column_comm=None,
 ) -> DenseResult:
     """The Hessian of ``obj`` (full, or its block-diagonal part), symmetrised, with eigenvalues.
+
+    With ``column_comm`` (``--split columns`` under torchrun: every rank holds all the data), rank r
+    computes the chunks c with c % world == r and the blocks are summed over the ranks.
 
     Raises :class:`MemoryBudgetError` before allocating anything that would not fit, and
     :class:`HesscliError` when the computed matrix is not symmetric to float tolerance (a wrong
@@ -173,8 +177,11 @@ def dense_hessian(
     hvps0 = obj.hvps
     mats = {b.name: torch.zeros(b.size, b.size, dtype=obj.dtype, device=obj.device) for b in plan.blocks}
     n_chunks = sum(math.ceil(obj.sizes[t] / k) for b in plan.blocks for t in b.tensors)
-    progress.start(n_chunks * obj.n_pieces(), "Hessian")
+    rank, world = (column_comm.rank, column_comm.world) if column_comm is not None else (0, 1)
+    mine = math.ceil(max(n_chunks - rank, 0) / world)
+    progress.start(mine * obj.n_pieces(), "Hessian")
     for lin in obj.linearizations():
+        chunk_no = -1
         for b in plan.blocks:
             H = mats[b.name]
             for pos, j in enumerate(b.tensors):
@@ -184,6 +191,9 @@ def dense_hessian(
                 r0 = obj.offsets[j] - b.start
                 n_j, shape_j = obj.sizes[j], obj.shapes[j]
                 for s in range(0, n_j, k):
+                    chunk_no += 1
+                    if chunk_no % world != rank:
+                        continue
                     e = min(s + k, n_j)
                     basis = torch.zeros(e - s, n_j, dtype=obj.dtype, device=obj.device)
                     basis[torch.arange(e - s), torch.arange(s, e)] = 1
@@ -196,6 +206,9 @@ def dense_hessian(
     out_blocks: list[DenseBlock] = []
     asym = 0.0
     worst_at = ""
+    if column_comm is not None:  # every rank holds some rows of every block: assemble them first
+        for b in plan.blocks:
+            column_comm.all_reduce(mats[b.name])
     hmax = max((mats[b.name].abs().max().item() for b in plan.blocks if b.size), default=0.0)
     if obj.comm is not None:
         hmax_t = torch.tensor([hmax], dtype=torch.float64)
