@@ -3,6 +3,7 @@ and ``compute`` the dense Hessian into a result file. Notebooks can call these d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from .data import Dataset, load_dataset
 from .dense import DenseResult, dense_hessian, plan_dense
 from .errors import UsageError
 from .loading import LoadedModel, load_model, parse_arch_kwargs
-from .memory import parse_size
+from .memory import default_budget, parse_size
 from .objective import Objective
 from .progress import Progress
 from .results import check_output, command_line, summarize, utc_now, write_result
@@ -52,26 +53,32 @@ class Session:
     objective: Objective
     setup_seconds: float
     comm: object | None = None
+    all_data: Dataset | None = None  # the whole data set when ``data`` is this rank's part
 
 
-def open_session(spec: ModelSpec, comm=None) -> Session:
-    """Load the model and data, check them, and build the objective."""
+def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
+    """Load the model and data, check them, and build the objective.
+
+    Under torchrun (``comm``), ``split="data"`` gives this rank its part of the data
+    (:meth:`Dataset.split`) and an objective whose products are summed over the ranks;
+    ``split="columns"`` keeps all the data on every rank and a rank-local objective.
+    """
     t0 = time.perf_counter()
     if not spec.data:
         raise UsageError("no data: pass --data FILE (one or more)")
-    kwargs = spec.arch_kwargs if isinstance(spec.arch_kwargs, dict) else parse_arch_kwargs(spec.arch_kwargs)
-    lm = load_model(spec.model, spec.arch, kwargs if spec.arch_kwargs is not None else None, spec.trust_code)
-    ds = load_dataset(spec.data, spec.input_key, spec.target_key)
-    if comm is not None:
-        ds = ds.split(comm.rank, comm.world)
-    first = ds.first(4)
-    if lm.module is None:
-        if first is None:
-            # this rank has no data; any example will do for the conversion
-            full = load_dataset(spec.data, spec.input_key, spec.target_key)
-            first = full.first(4)
-        x = first[0]
-        lm.materialize(x.to(torch.float32) if x.is_floating_point() else x)
+    if split not in ("data", "columns"):
+        raise UsageError(f"--split '{split}': choose data or columns")
+    device = comm.device_for(spec.device) if comm is not None else spec.device
+    with _stage(comm):  # errors here may hit some ranks only: all ranks agree before going on
+        kwargs = spec.arch_kwargs if isinstance(spec.arch_kwargs, dict) else parse_arch_kwargs(spec.arch_kwargs)
+        lm = load_model(spec.model, spec.arch, kwargs if spec.arch_kwargs is not None else None, spec.trust_code)
+        full = load_dataset(spec.data, spec.input_key, spec.target_key)
+        ds = full.split(comm.rank, comm.world) if comm is not None and split == "data" else full
+        first = ds.first(4)
+        example = full.first(8) if first is None else None  # this rank has no data
+        if lm.module is None:
+            x = (first if first is not None else example)[0]
+            lm.materialize(x.to(torch.float32) if x.is_floating_point() else x)
     torch.manual_seed(spec.seed)
     obj = Objective(
         lm.module,
@@ -80,12 +87,40 @@ def open_session(spec: ModelSpec, comm=None) -> Session:
         reduction=spec.reduction,
         params=spec.params,
         batch_size=spec.batch_size,
-        device=spec.device,
+        device=device,
         dtype=spec.dtype,
-        comm=comm,
+        comm=comm if split == "data" else None,
+        **({"example": example} if example is not None else {}),
     )
     obj.info.notes[:0] = lm.notes
-    return Session(spec, lm, ds, obj, time.perf_counter() - t0, comm)
+    if comm is not None:
+        comm.check_setup(obj, ds.n_samples)
+        _merge_unused(obj, comm, has_data=first is not None)
+        with _stage(comm):
+            obj.measure_linearization()
+        # sizes derived from it (dense chunks, operator chunks) must match on every rank: they set
+        # how many collectives run
+        obj.linearization_bytes = int(comm.maximum(obj.linearization_bytes))
+    return Session(spec, lm, ds, obj, time.perf_counter() - t0, comm, full)
+
+
+def _stage(comm):
+    return comm.stage() if comm is not None else contextlib.nullcontext()
+
+
+def _merge_unused(obj: Objective, comm, has_data: bool) -> None:
+    """Parameters that get no gradient on any rank (a rank without data cannot tell on its own)."""
+    used = torch.tensor([0.0 if (n in obj.info.unused or not has_data) else 1.0 for n in obj.names], dtype=torch.float64)
+    comm.all_reduce(used, op="max")
+    unused = [n for n, u in zip(obj.names, used.tolist(), strict=True) if u == 0.0]
+    if unused != obj.info.unused:
+        obj.info.notes = [s for s in obj.info.notes if not s.startswith(_UNUSED_NOTE)]
+        obj.info.unused = unused
+        if unused:
+            obj.info.notes.append(_UNUSED_NOTE + ", ".join(unused))
+
+
+_UNUSED_NOTE = "parameters that get no gradient (their Hessian rows are zero): "
 
 
 def base_meta(command: str, session: Session, **extra) -> dict:
@@ -99,7 +134,7 @@ def base_meta(command: str, session: Session, **extra) -> dict:
         "command_line": command_line(),
         "created": utc_now(),
         "model": {"path": lm.path, "format": lm.format, "sha256": lm.sha256, "arch": lm.arch},
-        "data": session.data.describe(),
+        "data": (session.all_data or session.data).describe(),
         "loss": obj.loss.name,
         "reduction": obj.reduction,
         "n_samples": obj.n_samples,
@@ -117,6 +152,7 @@ def base_meta(command: str, session: Session, **extra) -> dict:
     }
     if session.comm is not None:
         meta["rank_samples"] = session.comm.rank_samples
+        meta["split"] = "data" if obj.comm is not None else "columns"
     meta.update(extra)
     return meta
 
@@ -171,14 +207,31 @@ def compute(
 ) -> dict:
     """``hesscli compute``: the dense Hessian into ``out``; returns the summary (``--json``)."""
     t0 = time.perf_counter()
+    if split not in ("data", "columns"):
+        raise UsageError(f"--split '{split}': choose data or columns")
     writer = comm is None or comm.rank == 0
-    if writer:
-        check_output(out, force)
-    budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
-    session = open_session(spec, comm)
+    with _stage(comm):
+        if writer:
+            check_output(out, force)
+        budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
+    session = open_session(spec, comm, split=split)
     obj = session.objective
-    plan = plan_dense(obj, mode, blocks, budget, eigenvectors)
-    res = dense_hessian(obj, eigenvectors=eigenvectors, symmetric=symmetric, progress=progress, plan=plan)
+    if comm is not None:
+        budget = _agree_on_plan(obj, comm, budget)
+    with _stage(comm):
+        plan = plan_dense(obj, mode, blocks, budget, eigenvectors)
+    column_comm = comm if comm is not None and split == "columns" else None
+    res = dense_hessian(
+        obj, eigenvectors=eigenvectors, symmetric=symmetric, progress=progress, plan=plan, column_comm=column_comm
+    )
+    hvps, asymmetry = res.hvps, res.asymmetry
+    if comm is not None:  # the products every rank computed (its pieces, or its columns); the worst asymmetry
+        n = torch.tensor([float(hvps)], dtype=torch.float64)
+        comm.all_reduce(n)
+        hvps = int(n.item())
+        a = torch.tensor([asymmetry], dtype=torch.float64)
+        comm.all_reduce(a, op="max")
+        asymmetry = a.item()
     meta = base_meta(
         "compute",
         session,
@@ -187,8 +240,8 @@ def compute(
         max_memory=res.budget,
         chunk_size=res.chunk_size,
         symmetric=symmetric,
-        hvps=res.hvps,
-        asymmetry=res.asymmetry,
+        hvps=hvps,
+        asymmetry=asymmetry,
         symmetry_probe=res.symmetry_probe,
         negative_threshold=res.negative_threshold,
         approximation=res.approximation,
@@ -202,6 +255,12 @@ def compute(
     summary["seconds"] = time.perf_counter() - t0
     summary["notes"] = meta["notes"]
     return summary
+
+
+def _agree_on_plan(obj: Objective, comm, budget: int | None) -> int:
+    """The same dense plan on every rank: the smallest memory budget (``open_session`` already
+    agreed on the largest gradient graph; a rank without data measures none)."""
+    return int(comm.minimum(budget if budget is not None else default_budget(obj.device)))
 
 
 def output_path(out: str | None, default: str) -> Path:

@@ -136,7 +136,28 @@ def emit(summary: dict, common: Common, render) -> None:
         render()
 
 
+def health_warnings(summary: dict) -> list[str]:
+    """Numerical health: an extreme eigenvalue (λmax or λmin, of the matrix or of any block) that
+    lies within the rounding threshold τ = ‖H‖₂·√P·ε of zero in float32 has no meaningful sign."""
+    tau = summary.get("negative_threshold") or 0.0
+    if summary.get("dtype") != "float32" or tau <= 0:
+        return []
+    near = []
+    for b in summary.get("blocks") or []:
+        for key, sym in (("lambda_max", "λmax"), ("lambda_min", "λmin")):
+            v = b.get(key)
+            if v is not None and abs(v) <= tau:
+                near.append(f"{sym} of {b['name']} ({v:.2e})")
+    if not near:
+        return []
+    return [
+        f"{', '.join(near[:4])}{' …' if len(near) > 4 else ''} within the rounding threshold {tau:.1e} of zero "
+        "in float32: the sign is not meaningful; rerun with --dtype float64"
+    ]
+
+
 def _comm():
+    """The torchrun communicator (None in one process); rank 0 alone prints and writes."""
     from . import distributed
 
     return distributed.from_env()
@@ -194,8 +215,11 @@ def compute(
         con.print(summary_footer(summary))
         for note in summary.get("notes", []):
             con.print(f"note: {note}")
+        for warning in summary["warnings"]:
+            con.print(f"[yellow]warning:[/yellow] {warning}")
         con.print(f"wrote {summary['out']}")
 
+    summary["warnings"] = health_warnings(summary)
     emit(summary, common, render)
     return 0
 
@@ -218,7 +242,10 @@ def show(
     def render():
         con.print(summary_table(summary, title=f"{rf.meta.get('command', 'result')}: {result}"))
         con.print(summary_footer(summary))
+        for warning in summary["warnings"]:
+            con.print(f"[yellow]warning:[/yellow] {warning}")
 
+    summary["warnings"] = health_warnings(summary)
     emit(summary, common, render)
     return 0
 
@@ -264,27 +291,88 @@ _register_optional_commands()
 # entry point
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+class Interrupted(BaseException):
+    """SIGINT, raised like :class:`Terminated` (typer would turn a KeyboardInterrupt into a silent
+    exit 130; this one reaches ``main`` and its ``Error:`` line)."""
+
+
+# The signal received and not yet seen by main(). The exception a handler raises can be swallowed:
+# when it surfaces in Python code that C code called through getattr/hasattr (torch does, e.g. in
+# lazy imports), the C code clears it as a missing attribute. A watchdog thread then sends the
+# signal to the main thread again every second until main() acknowledges it.
+_pending: dict = {}
+
+
+def _on_signal(signum, frame):
+    _pending["signum"] = signum
+    if "watchdog" not in _pending:
+        import threading
+
+        _pending["watchdog"] = threading.Thread(target=_watchdog, name="hesscli-signal-watchdog", daemon=True)
+        _pending["watchdog"].start()
+    raise Terminated() if signum == signal.SIGTERM else Interrupted()
+
+
+def _watchdog() -> None:
+    import threading
+    import time
+
+    main_thread = threading.main_thread().ident
+    while True:
+        time.sleep(1.0)
+        signum = _pending.get("signum")
+        if signum is None:
+            return
+        if hasattr(signal, "pthread_kill"):
+            signal.pthread_kill(main_thread, signum)  # runs _on_signal again, waking a sleeping main thread
+        else:  # Windows
+            import _thread
+
+            _thread.interrupt_main(signum)
+
+
+def _acknowledge_signal() -> None:
+    _pending.pop("signum", None)
+    _pending.pop("watchdog", None)
+
+
+def _install_signal_handlers() -> dict:
+    """SIGINT and SIGTERM raise where the process is, so that ``finally`` blocks remove temporary
+    files; returns the previous handlers (``main`` also runs in-process, in tests)."""
+    _acknowledge_signal()
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict) -> None:
+    _acknowledge_signal()
+    for sig, handler in previous.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns SPEC.md's exit code."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torch.jit.*")
-    try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread
-        pass
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("--version", "-V"):
         print(f"hesscli {__version__}")
         return 0
+    exit_types = tuple({typer.Exit, *[c for c in (getattr(_cx, "Exit", None),) if c is not None]})
+    abort_types = tuple({typer.Abort, *[c for c in (getattr(_cx, "Abort", None),) if c is not None]})
+    click_error = getattr(_cx, "ClickException", _cx.UsageError)
+    previous_handlers = _install_signal_handlers()
     code = 0
     try:
         rv = app(args=args, prog_name="hesscli", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except (_cx.Exit, typer.Exit) as e:
+    except exit_types as e:
         code = getattr(e, "exit_code", 0)
     except _cx.UsageError as e:
         msg = clean_message(e.format_message())
@@ -292,17 +380,22 @@ def main(argv: list[str] | None = None) -> int:
         usage = ctx.get_usage() if ctx is not None else ""
         sys.stderr.write((usage + "\n" if usage else "") + f"Error: {msg}\n")
         code = 2
-    except (_cx.Abort, typer.Abort):
-        sys.stderr.write("Error: interrupted\n")
-        code = 130
+    except click_error as e:  # e.g. click's FileError
+        sys.stderr.write(f"Error: {clean_message(e.format_message())}\n")
+        code = getattr(e, "exit_code", 1) or 1
+    except abort_types:
+        sys.stderr.write("Error: aborted\n")
+        code = 1
     except HesscliError as e:
         sys.stderr.write(f"Error: {e.message}\n")
         code = e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("Error: interrupted (SIGINT); no output was written\n")
+    except (KeyboardInterrupt, Interrupted):
+        _acknowledge_signal()
+        sys.stderr.write("Error: interrupted (SIGINT)\n")
         code = 130
     except Terminated:
-        sys.stderr.write("Error: terminated (SIGTERM); no output was written\n")
+        _acknowledge_signal()
+        sys.stderr.write("Error: terminated (SIGTERM)\n")
         code = 143
     except MemoryError:
         sys.stderr.write("Error: out of memory; lower --max-memory or --batch-size, or use --mode block\n")
@@ -318,9 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from . import distributed
 
-            distributed.shutdown(code)
+            distributed.shutdown(code, json_status="--json" in args)
         except ImportError:
             pass
+    _restore_signal_handlers(previous_handlers)
     return code
 
 

@@ -15,7 +15,16 @@ import numpy as np
 import torch
 
 from .errors import HesscliError, UsageError
-from .loading import _check_readable, file_sha256, is_safetensors, load_safetensors_file, torch_load_safe, zip_kind
+from .loading import (
+    _check_readable,
+    damaged_zip_message,
+    file_sha256,
+    is_safetensors,
+    load_safetensors_file,
+    reason,
+    torch_load_safe,
+    zip_kind,
+)
 
 __all__ = ["Shard", "Dataset", "load_dataset", "KEY_PAIRS"]
 
@@ -44,7 +53,12 @@ def _read_npz(path: Path) -> dict[str, torch.Tensor]:
             ) from None
         raise HesscliError(f"cannot read data file '{path}' as .npz: {e}") from None
     except Exception as e:
-        raise HesscliError(f"cannot read data file '{path}' as .npz: {type(e).__name__}: {e}") from None
+        raise HesscliError(f"cannot read data file '{path}' as .npz: {reason(e)}") from None
+
+
+def _head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +72,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor] | tuple[torch.Tensor, to
         return _read_npz(path)
     if kind in ("torchscript", "export"):
         raise HesscliError(f"data file '{path}' is a model archive, not a data shard")
-    if kind == "torch_save" or path.read_bytes()[:1] == b"\x80":
+    if kind == "damaged":
+        raise HesscliError(damaged_zip_message(path, "data"))
+    if kind == "torch_save" or (kind is None and _head(path, 1) == b"\x80"):
         obj = torch_load_safe(path, "data")
         if isinstance(obj, dict):
             bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
@@ -70,6 +86,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor] | tuple[torch.Tensor, to
         raise HesscliError(
             f"data file '{path}' holds a {type(obj).__name__}; expected a dict of tensors or a pair (inputs, targets)"
         )
+    if kind == "zip":
+        raise HesscliError(f"data file '{path}' is a zip archive, but neither a .npz nor a torch.save file")
     raise HesscliError(f"data file '{path}' is not a format hesscli knows (.pt from torch.save, .safetensors, .npz)")
 
 
@@ -153,10 +171,23 @@ class Dataset:
             step = batch_size or (stop - shard.start)
             for s in range(shard.start, stop, step):
                 e = min(s + step, stop)
+                self.current = (shard.path, s, e)
                 yield x[s:e], y[s:e]
+
+    def where(self) -> str:
+        """Where the piece being processed comes from, for error messages."""
+        cur = getattr(self, "current", None)
+        if cur is None:
+            return ""
+        path, s, e = cur
+        return f" (data file '{path}', samples {s}–{e - 1})"
 
     def first(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first ``n`` samples of the first non-empty shard (for checks and examples)."""
+        for shard in self.shards:
+            if shard.size:
+                self.current = (shard.path, shard.start, min(shard.start + n, shard.stop or shard.n_samples))
+                break
         for shard in self.shards:
             if shard.size:
                 x, y = self._load(shard)

@@ -1,11 +1,21 @@
 """The dense Hessian, full or block-diagonal, from batched Hessian-vector products.
 
-Column chunks of the identity go through one batched backward each (:class:`Linearization`), so
-the P products of a P×P Hessian cost P/k batched passes. The Hessian's symmetry is used at the
-level of parameter tensors: for tensor j, only the rows of H against tensors i ≤ j are computed,
-with differentiation restricted to those tensors (autograd then prunes the rest of the graph), and
-the upper triangle is mirrored. Diagonal tensor blocks are computed whole, so their asymmetry is
-measured; cross-tensor symmetry is checked by :meth:`Objective.symmetry_probe`.
+Rows of H are reverse-over-reverse products (Pearlmutter 1994): for parameter tensor j, the
+gradient g_j(θ) = ∇_{θ_j} L is linearised once per piece with ``torch.func.vjp``, and a chunk of k
+unit vectors e_r goes through one ``vmap``-ed pullback, giving the rows H[r, :] = ∂(g_j·e_r)/∂θ.
+(``torch.func``'s batching rules beat autograd's ``is_grads_batched``, which loops over the batch
+for several backward ops and copies its operands: 15–25% on the digits MLP, bench/RESULTS.md.)
+
+The Hessian's symmetry is used at the level of parameter tensors: for tensor j, only the blocks
+H[j, i] with i ≤ j are computed, with differentiation restricted to those tensors (autograd prunes
+the rest of the graph), and the upper triangle is mirrored. Diagonal tensor blocks are computed
+whole, so their asymmetry is measured; cross-tensor symmetry is checked by
+:meth:`Objective.symmetry_probe`.
+
+The chunk size k is tuned on the run: per-vector cost is not monotone in k (large k pays off with
+few samples, where per-op overhead dominates, and loses with many, where the batched operands
+leave the cache), so the first rows are computed with k = 1, 2, 4, … up to the memory cap and the
+fastest k is kept. Every tuning chunk is a real part of H; nothing is computed twice.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from .errors import HesscliError, MemoryBudgetError, UsageError
 from .memory import default_budget, fmt_bytes
 from .objective import Objective, ParamBlock
 from .progress import NullProgress, Progress
+from .safeops import second_order_safe
 
 __all__ = ["DenseBlock", "DenseResult", "DensePlan", "plan_dense", "dense_hessian", "asymmetry_tolerance"]
 
@@ -55,6 +66,7 @@ class DensePlan:
     chunk_size: int
     need_full: int
     need_block: int
+    tune: bool = True  # choose the chunk size by timing (≤ chunk_size); False when the user fixed it
 
 
 @dataclass
@@ -70,6 +82,7 @@ class DenseResult:
     negative_threshold: float
     approximation: str | None
     notes: list[str] = field(default_factory=list)
+    eig_seconds: float = 0.0  # of ``seconds``: the eigendecompositions
 
     @property
     def trace(self) -> float:
@@ -132,10 +145,12 @@ def plan_dense(
             "Use 'hesscli spectrum', 'trace' or 'density' (matrix-free), select fewer parameters with --params, "
             "or raise --max-memory"
         )
+    tune = chunk_size is None
     if chunk_size is None:
         room = budget - need - base
         chunk_size = max(1, min(CHUNK_CAP, room // per_vector))
-    return DensePlan(chosen, obj.blocks("all") if chosen == "full" else groups, budget, int(chunk_size), need_full, need_block)
+    blocks_ = obj.blocks("all") if chosen == "full" else groups
+    return DensePlan(chosen, blocks_, budget, int(chunk_size), need_full, need_block, tune)
 
 
 def _localize(diff: torch.Tensor, obj: Objective, block: ParamBlock) -> str:
@@ -173,35 +188,51 @@ def dense_hessian(
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     plan = plan or plan_dense(obj, mode, blocks, max_memory, eigenvectors, chunk_size)
-    k = plan.chunk_size
     hvps0 = obj.hvps
     mats = {b.name: torch.zeros(b.size, b.size, dtype=obj.dtype, device=obj.device) for b in plan.blocks}
-    n_chunks = sum(math.ceil(obj.sizes[t] / k) for b in plan.blocks for t in b.tensors)
     rank, world = (column_comm.rank, column_comm.world) if column_comm is not None else (0, 1)
-    mine = math.ceil(max(n_chunks - rank, 0) / world)
-    progress.start(mine * obj.n_pieces(), "Hessian")
-    for lin in obj.linearizations():
+    # (block, position of tensor j in it); the tensor with the most rows first, where k is tuned
+    tasks = [(b, pos) for b in plan.blocks for pos in range(len(b.tensors))]
+    tasks.sort(key=lambda t: -obj.sizes[t[0].tensors[t[1]]])
+    # ranks share the chunks by number (column split): they must all cut the same chunks, so no tuning
+    tuner = _ChunkTuner(plan.chunk_size, plan.tune and world == 1, obj.device)
+    progress.start(_my_rows(tasks, obj, plan.chunk_size, rank, world) * obj.n_pieces(), "Hessian")
+    for x, y in obj.data.pieces(obj.batch_size):
+        x, y = obj._move(x, y)
         chunk_no = -1
-        for b in plan.blocks:
+        for b, pos in tasks:
             H = mats[b.name]
-            for pos, j in enumerate(b.tensors):
-                wrt = list(b.tensors[: pos + 1]) if symmetric else list(b.tensors)
-                c0 = obj.offsets[wrt[0]] - b.start
-                c1 = obj.offsets[wrt[-1] + 1] - b.start
-                r0 = obj.offsets[j] - b.start
-                n_j, shape_j = obj.sizes[j], obj.shapes[j]
-                for s in range(0, n_j, k):
-                    chunk_no += 1
-                    if chunk_no % world != rank:
-                        continue
-                    e = min(s + k, n_j)
-                    basis = torch.zeros(e - s, n_j, dtype=obj.dtype, device=obj.device)
-                    basis[torch.arange(e - s), torch.arange(s, e)] = 1
-                    res = lin.apply([basis.reshape((e - s,) + shape_j)], [j], wrt, batched=True)
-                    H[r0 + s : r0 + e, c0:c1] += torch.cat([r.reshape(e - s, -1) for r in res], dim=1)
-                    obj.hvps += e - s
-                    progress.advance(1)
+            j = b.tensors[pos]
+            wrt = list(b.tensors[: pos + 1]) if symmetric else list(b.tensors)
+            c0 = obj.offsets[wrt[0]] - b.start
+            r0 = obj.offsets[j] - b.start
+            n_j, shape_j = obj.sizes[j], obj.shapes[j]
+            pullback = None
+            s = 0
+            while s < n_j:
+                k = tuner.next()
+                e = min(s + k, n_j)
+                chunk_no += 1
+                if chunk_no % world != rank:
+                    s = e
+                    continue
+                if pullback is None:
+                    pullback = _row_pullback(obj, x, y, j, wrt)
+                tuner.tic()
+                basis = torch.zeros(e - s, n_j, dtype=obj.dtype, device=obj.device)
+                basis[torch.arange(e - s), torch.arange(s, e)] = 1
+                rows = torch.func.vmap(pullback)(basis.reshape((e - s,) + shape_j))
+                col = c0
+                for i, r in zip(wrt, rows, strict=True):
+                    H[r0 + s : r0 + e, col : col + obj.sizes[i]] += r.reshape(e - s, -1)
+                    col += obj.sizes[i]
+                tuner.toc(e - s)
+                obj.hvps += e - s
+                progress.advance(e - s)
+                s = e
+            tuner.done_tensor()
     progress.stop()
+    k = tuner.best
 
     out_blocks: list[DenseBlock] = []
     asym = 0.0
@@ -225,9 +256,11 @@ def dense_hessian(
                 if d.numel() and hmax > 0 and d.max().item() / hmax > asym:
                     asym = d.max().item() / hmax
                     worst_at = f"{obj.names[j]} / {obj.names[j]}"
+            # mirror the computed lower triangle (one P×P temporary)
             low = torch.tril(H, -1)
-            H.copy_(low + low.T + torch.diag_embed(torch.diagonal(H)))
-            # within a diagonal tensor block, average the two computed halves
+            H.tril_()
+            H.add_(low.T)
+            del low
         else:
             d = (H - H.T).abs()
             if hmax > 0 and d.numel() and d.max().item() / hmax > asym:
@@ -244,6 +277,7 @@ def dense_hessian(
             f"the computed Hessian is not symmetric: relative asymmetry {max(asym, probe):.2e} > {tol:.0e}, "
             f"largest between parameters {where}; some op in the model has a wrong second derivative in torch"
         )
+    t_eig = 0.0
     for b in plan.blocks:
         H = mats.pop(b.name)
         H.mul_(obj.scale)
@@ -251,18 +285,21 @@ def dense_hessian(
             obj.comm.all_reduce(H)
         if b.size == 0:
             continue
-        H64 = H.to(torch.float64)
-        if not torch.isfinite(H64).all():
+        if not torch.isfinite(H).all():
             raise HesscliError(f"the Hessian block '{b.name}' contains NaN or Inf")
+        t1 = time.perf_counter()
         if eigenvectors:
-            w, V = torch.linalg.eigh(H64)
+            w, V = torch.linalg.eigh(H.to(torch.float64))
             vecs = V.cpu().numpy()
         else:
-            w = torch.linalg.eigvalsh(H64)
+            # eigenvalues in H's own dtype: a float32 matrix already carries its entries' rounding,
+            # and LAPACK's backward-stable eigvalsh adds about eps·‖H‖₂ more (7.6e-7·‖H‖₂ on the
+            # digits MLP, against SPEC.md's 1e-5), for 0.7× the time and no float64 copy
+            w = torch.linalg.eigvalsh(H)
             vecs = None
-        trace = float(torch.diagonal(H64).sum().item())
-        del H64
-        out_blocks.append(DenseBlock(b.name, b.start, b.stop, H.cpu(), w.cpu().numpy(), vecs, trace))
+        t_eig += time.perf_counter() - t1
+        trace = float(torch.diagonal(H).to(torch.float64).sum().item())
+        out_blocks.append(DenseBlock(b.name, b.start, b.stop, H.cpu(), w.to(torch.float64).cpu().numpy(), vecs, trace))
     norm2 = max((float(np.abs(b.eigenvalues).max()) for b in out_blocks), default=0.0)
     tau = norm2 * math.sqrt(obj.P) * float(torch.finfo(obj.dtype).eps)
     return DenseResult(
@@ -276,4 +313,89 @@ def dense_hessian(
         seconds=time.perf_counter() - t0,
         negative_threshold=tau,
         approximation="block-diagonal" if plan.mode == "block" else None,
+        eig_seconds=t_eig,
     )
+
+
+def _my_rows(tasks, obj: Objective, k: int, rank: int, world: int) -> int:
+    """Rows this rank computes per piece (chunks numbered in task order, dealt round-robin)."""
+    if world == 1:
+        return sum(obj.sizes[b.tensors[p]] for b, p in tasks)
+    rows, no = 0, -1
+    for b, p in tasks:
+        n = obj.sizes[b.tensors[p]]
+        for s in range(0, n, k):
+            no += 1
+            if no % world == rank:
+                rows += min(k, n - s)
+    return rows
+
+
+def _row_pullback(obj: Objective, x: torch.Tensor, y: torch.Tensor, j: int, wrt: list[int]):
+    """v ↦ ∂(g_j·v)/∂θ_wrt on one piece (unscaled: the piece's sum of loss terms), where
+    g_j = ∇_{θ_j} L: the pullback of ``torch.func.vjp`` of the gradient, θ_wrt ∋ θ_j varying and
+    the other tensors held fixed. Returns one tensor per ``wrt``."""
+    theta = obj.theta
+    at = wrt.index(j)
+
+    def total(*tw):
+        ts = list(theta)
+        for i, t in zip(wrt, tw, strict=True):
+            ts[i] = t
+        return obj.piece_total(ts, x, y)
+
+    with second_order_safe():
+        _, pullback = torch.func.vjp(torch.func.grad(total, argnums=at), *[theta[i] for i in wrt])
+    return pullback
+
+
+class _ChunkTuner:
+    """Picks the chunk size k by timing real chunks: k = 1, 2, 4, … ≤ ``cap``, in two interleaved
+    rounds (so a burst of load on a shared machine hits both measurements of one k less often),
+    keeping the k with the lowest per-vector time. Tuning runs on the first (largest) tensor only,
+    since chunks of other tensors cost differently; if its rows run out first, the best k measured
+    so far is kept."""
+
+    def __init__(self, cap: int, tune: bool, device: torch.device):
+        cap = max(1, int(cap))
+        sizes = [1 << i for i in range(cap.bit_length()) if (1 << i) < cap] + [cap]
+        self.schedule = sizes * 2 if tune and cap > 1 else []
+        self.best = cap
+        self.device = device
+        self.rates: dict[int, float] = {}
+        self.t = 0.0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.schedule)
+
+    def next(self) -> int:
+        return self.schedule[0] if self.schedule else self.best
+
+    def tic(self) -> None:
+        if self.schedule:
+            self._sync()
+            self.t = time.perf_counter()
+
+    def toc(self, n: int) -> None:
+        if not self.schedule:
+            return
+        self._sync()
+        k = self.schedule.pop(0)
+        if n == k:  # a chunk cut short at the end of a tensor is not a measurement of k
+            self.rates[k] = min((time.perf_counter() - self.t) / n, self.rates.get(k, math.inf))
+        if not self.schedule:
+            self._finish()
+
+    def done_tensor(self) -> None:
+        if self.schedule:
+            self.schedule = []
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.rates:
+            self.best = min(self.rates, key=self.rates.get)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import HesscliError, UsageError
+from .errors import HesscliError, UsageError, clean_message
 
 __all__ = ["LoadedModel", "detect_format", "load_model", "resolve_arch", "file_sha256", "quiet_torch"]
 
@@ -46,20 +46,47 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+class TorchLog(logging.Handler):
+    """Collects what torch's loggers say while :func:`quiet_torch` is active."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def first_exception(self) -> BaseException | None:
+        """The exception torch logged with its traceback and then replaced by a vaguer one
+        (``torch.export.load`` says "check the warnings above")."""
+        for r in self.records:
+            if r.exc_info and r.exc_info[1] is not None:
+                return r.exc_info[1]
+        return None
+
+
 @contextlib.contextmanager
 def quiet_torch():
-    """Silence torch's deprecation warnings (TorchScript) and its loggers' tracebacks."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._export", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
+    """Silence torch's deprecation warnings (TorchScript) and its loggers' tracebacks; yields a
+    :class:`TorchLog` with what the loggers said, so that errors can quote the real cause."""
+    log = TorchLog()
+    saved = []
+    for name in ("torch", "torch.export", "torch._export", "torch._dynamo"):
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.level, lg.propagate, list(lg.handlers)))
+        lg.handlers = [log]
+        lg.propagate = False
+        if lg.level == logging.NOTSET or lg.level > logging.WARNING:
+            lg.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            yield
+            yield log
     finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+        for lg, level, propagate, handlers in saved:
+            lg.handlers = handlers
+            lg.propagate = propagate
+            lg.setLevel(level)
 
 
 def _check_readable(path: Path, what: str) -> None:
@@ -89,15 +116,28 @@ def is_safetensors(path: Path) -> bool:
         return False
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+# the legacy (non-zip) torch.save format starts with a pickled magic number
+LEGACY_TORCH_SAVE = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
 def zip_kind(path: Path) -> str | None:
-    """'torchscript', 'export', 'torch_save', 'npz' or None for a zip archive's contents."""
-    if not zipfile.is_zipfile(path):
-        return None
+    """What a zip archive holds: 'torchscript', 'export', 'torch_save', 'npz' or 'zip' (something
+    else); 'damaged' for a file that starts like a zip archive but cannot be read as one, or whose
+    directory describes an archive that does not start at byte 0 (a truncated .pt2 ends with the
+    directory of the small torch.save archive stored inside it); None for anything else."""
+    with open(path, "rb") as f:
+        starts_like_zip = f.read(4) == ZIP_MAGIC
     try:
+        if not zipfile.is_zipfile(path):
+            return "damaged" if starts_like_zip else None
         with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return None
+            infos = z.infolist()
+    except Exception:  # zipfile raises BadZipFile, NotImplementedError, ValueError, OSError, ...
+        return "damaged" if starts_like_zip else None
+    if not starts_like_zip or not infos or min(i.header_offset for i in infos) != 0:
+        return "damaged" if starts_like_zip else None
+    names = [i.filename for i in infos]
     if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
         return "torchscript"
     if any(n.endswith("/archive_format") or "/models/" in n for n in names):
@@ -107,6 +147,25 @@ def zip_kind(path: Path) -> str | None:
     if names and all(n.endswith(".npy") for n in names):
         return "npz"
     return "zip"
+
+
+def damaged_zip_message(path: Path, what: str) -> str:
+    """A file that starts like a zip archive (TorchScript, torch.export, torch.save and .npz all
+    are) but whose directory cannot be read: usually a copy or download that stopped early."""
+    return (
+        f"{what} file '{path}' starts like a zip archive (the container of TorchScript, torch.export, "
+        "torch.save and .npz files) but cannot be opened as one: it is truncated or damaged"
+    )
+
+
+def reason(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of a library's exception, on one line: the first line of the message only
+    (torch appends C++ stack traces), ANSI codes removed, at most ``limit`` characters."""
+    text = str(e).strip()
+    first = clean_message(text.splitlines()[0] if text else "")
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -124,10 +183,21 @@ def detect_format(path: str | os.PathLike) -> str:
         return "state_dict"
     if kind == "npz":
         raise HesscliError(f"model file '{p}' is a NumPy .npz archive, not a model (is it a data shard?)")
+    if kind == "damaged":
+        raise HesscliError(damaged_zip_message(p, "model"))
+    if kind == "zip":
+        raise HesscliError(
+            f"model file '{p}' is a zip archive, but not one written by torch.jit.save, torch.export.save or torch.save"
+        )
     with open(p, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80":  # legacy (non-zip) torch.save / pickle
+        head = f.read(len(LEGACY_TORCH_SAVE))
+    if head == LEGACY_TORCH_SAVE:  # torch.save(..., _use_new_zipfile_serialization=False)
         return "state_dict"
+    if head[:1] == b"\x80":
+        raise HesscliError(
+            f"model file '{p}' is a Python pickle, but not one written by torch.save (or it is damaged); "
+            "hesscli does not unpickle arbitrary files"
+        )
     raise HesscliError(
         f"model file '{p}' is not a format hesscli knows (TorchScript, torch.export .pt2, "
         "safetensors, or a torch.save state_dict)"
@@ -161,13 +231,13 @@ def resolve_arch(spec: str, base_dir: Path | None = None):
             spec_obj.loader.exec_module(module)
         except Exception as e:  # the user's code
             sys.modules.pop(modname, None)
-            raise HesscliError(f"--arch file '{path}' failed to import: {type(e).__name__}: {e}") from None
+            raise HesscliError(f"--arch file '{path}' failed to import: {reason(e)}") from None
         origin = str(path)
     else:
         try:
             module = importlib.import_module(where)
         except Exception as e:
-            raise HesscliError(f"--arch module '{where}' cannot be imported: {type(e).__name__}: {e}") from None
+            raise HesscliError(f"--arch module '{where}' cannot be imported: {reason(e)}") from None
         origin = where
     obj = getattr(module, name, None)
     if obj is None or not callable(obj):
@@ -248,7 +318,7 @@ def torch_load_safe(path: Path, what: str) -> Any:
                 f"{what} file '{path}' holds objects that only a full unpickle could load; "
                 "hesscli loads with weights_only=True and refuses it (it could run code)"
             ) from None
-        raise HesscliError(f"cannot read {what} file '{path}': {type(e).__name__}: {msg}") from None
+        raise HesscliError(f"cannot read {what} file '{path}': {reason(e)}") from None
 
 
 def load_safetensors_file(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -259,8 +329,60 @@ def load_safetensors_file(path: Path, what: str) -> tuple[dict[str, torch.Tensor
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise HesscliError(f"cannot read {what} file '{path}' as safetensors: {type(e).__name__}: {e}") from None
+        problem = safetensors_header_problem(path) or reason(e)
+        raise HesscliError(f"cannot read {what} file '{path}' as safetensors: {problem}") from None
     return tensors, dict(meta)
+
+
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2}
+_ST_ITEMSIZE.update({"BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8})
+
+
+def safetensors_header_problem(path: Path) -> str | None:
+    """The first thing wrong with a safetensors file's header, naming the tensor, or None.
+
+    Layout: an 8-byte little-endian header length n, n bytes of JSON ``{name: {dtype, shape,
+    data_offsets: [begin, end]}, "__metadata__": {...}}``, then the data; offsets count from the
+    start of the data, and end - begin must be the tensor's size in bytes."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                return f"the header claims {n} bytes but the file has {size - 8} after the length (truncated?)"
+            raw = f.read(n)
+        header = json.loads(raw)
+    except (OSError, struct.error, UnicodeDecodeError, ValueError) as e:
+        return f"the header is not valid JSON ({reason(e)}): damaged"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object: damaged"
+    data_len = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+        except (TypeError, KeyError, ValueError):
+            return f"tensor '{name}' has a malformed entry in the header: {str(entry)[:120]}"
+        if dtype not in _ST_ITEMSIZE:
+            return f"tensor '{name}' has an unknown dtype {dtype!r}"
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            return f"tensor '{name}' has invalid data_offsets [{begin}, {end}]"
+        if end > data_len:
+            return (
+                f"tensor '{name}': data_offsets [{begin}, {end}] end past the {data_len} bytes of data "
+                "(truncated or damaged)"
+            )
+        need = numel * _ST_ITEMSIZE[dtype]
+        if end - begin != need:
+            return (
+                f"tensor '{name}' of shape {tuple(shape)} and dtype {dtype} needs {need} bytes, "
+                f"but its data_offsets [{begin}, {end}] hold {end - begin}"
+            )
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,13 +413,14 @@ class LoadedModel:
 
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         try:
-            with quiet_torch():
+            with quiet_torch() as log:
                 ep = TS2EPConverter(self.script, args).convert()
                 module = ep.module()
         except Exception as e:
+            e = log.first_exception() or e
             raise HesscliError(
                 f"TorchScript model '{self.path}' could not be converted for torch.func "
-                f"({type(e).__name__}: {e}); save it with torch.export, or as safetensors with --arch"
+                f"({reason(e)}); save it with torch.export, or as safetensors with --arch"
             ) from None
         _buffers_to_parameters(module, [n for n, _ in self.script.named_parameters()])
         self.module = module
@@ -323,6 +446,22 @@ def _buffers_to_parameters(module: nn.Module, names: list[str]) -> None:
     module._hesscli_param_order = list(names)  # named_parameters() order of the archive
 
 
+def _arch_hint(meta_arch: str, path: Path, meta: dict) -> str:
+    """The ``--arch`` (and ``--arch-kwargs``) that a file's metadata asks for, ready to paste: a file
+    path in the metadata is relative to the weights' directory, so it is given from here."""
+    import shlex
+
+    where, _, name = meta_arch.rpartition(":")
+    if where.endswith(".py") and not Path(where).is_absolute():
+        where = os.path.normpath(path.parent / where)
+        meta_arch = f"{where}:{name}"
+    hint = shlex.quote(meta_arch)
+    kwargs = meta.get("hesscli.arch_kwargs")
+    if kwargs and kwargs.strip() not in ("{}", ""):
+        hint += f" --arch-kwargs {shlex.quote(kwargs)}"
+    return hint
+
+
 def load_model(
     path: str | os.PathLike,
     arch: str | None = None,
@@ -339,17 +478,18 @@ def load_model(
             with quiet_torch():
                 script = torch.jit.load(str(p), map_location="cpu")
         except Exception as e:
-            raise HesscliError(f"cannot load TorchScript model '{p}': {type(e).__name__}: {e}") from None
+            raise HesscliError(f"cannot load TorchScript model '{p}': {reason(e)}") from None
         script.eval()
         lm.script = script
         return lm
     if fmt == "export":
         try:
-            with quiet_torch():
+            with quiet_torch() as log:
                 ep = torch.export.load(str(p))
                 module = ep.module()
         except Exception as e:
-            raise HesscliError(f"cannot load torch.export model '{p}': {type(e).__name__}: {e}") from None
+            cause = log.first_exception() or e
+            raise HesscliError(f"cannot load torch.export model '{p}': {reason(cause)}") from None
         lm.module = module
         return lm
     if fmt == "safetensors":
@@ -358,9 +498,9 @@ def load_model(
             meta_arch = meta.get("hesscli.arch")
             if meta_arch and not trust_code:
                 raise UsageError(
-                    f"'{p}' names its architecture '{meta_arch}' in its metadata; metadata does not "
-                    f"choose code to run: pass --arch {meta_arch} (relative to {p.parent or '.'}) "
-                    "or --trust-code"
+                    f"'{p}' names its architecture '{meta_arch}' in its metadata, and metadata does not "
+                    f"choose code to run: pass --arch {_arch_hint(meta_arch, p, meta)} "
+                    "(after checking that code), or --trust-code"
                 )
             if not meta_arch:
                 raise UsageError(f"'{p}' holds weights only: pass --arch path/to/file.py:NAME")

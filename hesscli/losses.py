@@ -101,7 +101,7 @@ def resolve_loss(name: str, reduction: str, outputs: torch.Tensor, targets: torc
             loss = Loss("mse")
         else:
             raise HesscliError(
-                f"--loss auto cannot pair outputs {_shape(outputs)} with floating targets {_shape(targets)}: "
+                f"--loss auto cannot pair outputs {_shape(outputs)} with {str(targets.dtype).replace('torch.', '')} targets {_shape(targets)}: "
                 "mse needs exactly the outputs' shape (no broadcasting); reshape the targets or pass --loss"
             )
         return Loss(loss.name, reduction, loss.class_dim)

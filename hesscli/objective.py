@@ -113,6 +113,7 @@ class Objective:
         comm=None,
         check: bool = True,
         cache_bytes: int | None = None,
+        example: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -159,12 +160,15 @@ class Objective:
             self.offsets.append(self.offsets[-1] + s)
         self.P = self.offsets[-1]
         self.theta = [p.detach().clone() for _, p in named]
+        for p in self.module.parameters():  # constants: derivatives go through theta (functional_call)
+            p.requires_grad_(False)
 
         self.loss: Loss | None = None
         self._piece_counts: list[int] = []
         self._cache: list[Linearization] | None = None
         self._cache_bytes = cache_bytes
         self.linearization_bytes = 0
+        self._example = example
         self._setup(loss, reduction, check)
 
     # ------------------------------------------------------------------ set-up and checks
@@ -184,7 +188,9 @@ class Objective:
             raise
         except Exception as e:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else "?"
-            raise HesscliError(f"the model's forward failed on inputs {shape}: {type(e).__name__}: {e}") from None
+            raise HesscliError(
+                f"the model's forward failed on inputs {shape}{self.data.where()}: {type(e).__name__}: {e}"
+            ) from None
 
     def _param_dict(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, tensors))
@@ -202,9 +208,14 @@ class Objective:
 
     def _setup(self, loss_name: str, reduction: str, check: bool) -> None:
         first = self.data.first(8)
-        if first is None:
-            self.loss = resolve_loss(loss_name, reduction, torch.zeros(0), torch.zeros(0)) if loss_name == "model" else None
         params = self._param_dict(self.theta)
+        if first is None:  # a rank without data: resolve the loss on an example batch, check nothing
+            if loss_name == "model" or self._example is None:
+                self.loss = resolve_loss("model" if loss_name == "model" else "mse", reduction, torch.zeros(1), torch.zeros(1))
+            else:
+                with torch.no_grad(), second_order_safe():
+                    xe, ye = self._example
+                    self.loss = resolve_loss(loss_name, reduction, self._forward(params, self._move(xe, ye)[0]), ye)
         counts = []
         total = 0.0
         with torch.no_grad(), second_order_safe():
@@ -242,7 +253,8 @@ class Objective:
                 s = float(s)
                 if not math.isfinite(s):
                     raise HesscliError(
-                        f"the loss is {'NaN' if math.isnan(s) else 'infinite'} on a batch of {x.shape[0]} samples "
+                        f"the loss is {'NaN' if math.isnan(s) else 'infinite'} on a batch of {x.shape[0]} samples"
+                        f"{self.data.where()} "
                         "(check the inputs, the weights and --loss)"
                     )
                 counts.append(c)
@@ -263,10 +275,16 @@ class Objective:
             self._find_unused(first)
 
     def _check_model(self, params, x, y, out0) -> None:
-        """Refuse models whose outputs are random (dropout baked in) or depend on the batch."""
+        """Refuse models whose outputs are not finite, are random (dropout baked in) or depend on
+        the batch."""
         args = (x, y) if self.loss.name == "model" else (x,)
+        a = _first_tensor(out0)
+        if a is not None and a.is_floating_point() and not torch.isfinite(a).all():
+            bad = (~torch.isfinite(a)).reshape(a.shape[0], -1).any(1).nonzero() if a.dim() else a.new_zeros(0, 1)
+            where = f" (first at sample {int(bad[0, 0])})" if a.dim() and a.shape[0] == x.shape[0] and bad.numel() else ""
+            raise HesscliError(f"the model's outputs contain NaN or Inf{where} although its inputs and weights are finite")
         out1 = self._forward(params, *args)
-        a, b = _first_tensor(out0), _first_tensor(out1)
+        b = _first_tensor(out1)
         if a is not None and b is not None and not _close(a, b):
             raise HesscliError(
                 "the model's outputs change between two identical calls (dropout or other randomness "
@@ -274,12 +292,14 @@ class Objective:
             )
         if self.loss.name == "model" or x.shape[0] < 2 or a is None or a.dim() == 0 or a.shape[0] != x.shape[0]:
             return
-        single = _first_tensor(self._forward(params, x[:1]))
-        if single is not None and single.shape[1:] == a.shape[1:] and not _close(single[0], a[0]):
-            raise HesscliError(
-                "the model's output for a sample depends on the rest of the batch (batch statistics, "
-                "e.g. BatchNorm in train mode or track_running_stats=False); its Hessian would depend on the batch size"
-            )
+        # a sub-batch of 2 when there are 3 or more samples (BatchNorm refuses a batch of 1), else of 1
+        k = 2 if x.shape[0] >= 3 else 1
+        try:
+            part = _first_tensor(self._forward(params, x[:k]))
+        except HesscliError as e:
+            raise HesscliError(f"{_BATCH_MSG} (a batch of {k} fails: {e})") from None
+        if part is not None and part.shape[1:] == a.shape[1:] and not _close(part[:k], a[:k]):
+            raise HesscliError(_BATCH_MSG)
 
     def _find_unused(self, first) -> None:
         x, y = self._move(*first)
@@ -482,7 +502,14 @@ def _first_tensor(out) -> torch.Tensor | None:
     return None
 
 
+_BATCH_MSG = (
+    "the model's output for a sample depends on the rest of the batch (batch statistics, "
+    "e.g. BatchNorm in train mode or track_running_stats=False); its Hessian would depend on the batch size"
+)
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to rounding; NaN equals NaN (a NaN output is not a sign of randomness)."""
     if a.shape != b.shape:
         return False
     if torch.equal(a, b):
@@ -490,7 +517,5 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not a.is_floating_point():
         return False
     tol = 1e-4 if a.dtype == torch.float32 else 1e-9
-    scale = max(a.abs().max().item(), 1e-30)
-    return bool(((a - b).abs().max() <= tol * scale).item())
-
-
+    scale = max(a.nan_to_num(0.0, 0.0, 0.0).abs().max().item(), 1e-30)
+    return bool(torch.allclose(a, b, rtol=0.0, atol=tol * scale, equal_nan=True))

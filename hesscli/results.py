@@ -103,6 +103,12 @@ def write_result(path: str | os.PathLike, arrays: Mapping[str, Any], meta: Mappi
     return p
 
 
+def _reason(e: BaseException) -> str:
+    from .loading import reason
+
+    return reason(e)
+
+
 class ResultFile:
     """A result file opened for reading: ``meta`` as a dict, arrays by key."""
 
@@ -113,17 +119,46 @@ class ResultFile:
         if self.path.is_dir():
             raise HesscliError(f"result file '{self.path}' is a directory")
         try:
-            self._z = np.load(self.path, allow_pickle=False)
-            if not hasattr(self._z, "files"):
-                raise HesscliError(f"'{self.path}' is a single .npy array, not a hesscli result (.npz)")
-            self.keys = list(self._z.files)
-            if "meta" not in self.keys:
-                raise HesscliError(f"'{self.path}' is not a hesscli result: it has no 'meta' entry")
-            self.meta = json.loads(str(self._z["meta"][()]))
+            with open(self.path, "rb") as f:
+                head = f.read(6)
+        except OSError as e:
+            raise HesscliError(f"cannot read result file '{self.path}': {e.strerror or e}") from None
+        if head == b"\x93NUMPY":
+            raise HesscliError(f"'{self.path}' is a single .npy array, not a hesscli result (.npz)")
+        if head[:4] != b"PK\x03\x04":
+            raise HesscliError(f"result file '{self.path}' is not an .npz archive (a hesscli result)")
+        try:
+            if not zipfile.is_zipfile(self.path):
+                raise HesscliError(
+                    f"result file '{self.path}' starts like an .npz archive but cannot be opened as one: "
+                    "it is truncated or damaged"
+                )
+            # our own handle: np.load leaks its file when the zip directory is damaged
+            self._f = open(self.path, "rb")
         except HesscliError:
             raise
-        except (ValueError, OSError, zipfile.BadZipFile, json.JSONDecodeError, EOFError, KeyError) as e:
-            raise HesscliError(f"cannot read result file '{self.path}': {type(e).__name__}: {e}") from None
+        except OSError as e:
+            raise HesscliError(f"cannot read result file '{self.path}': {e.strerror or e}") from None
+        try:
+            try:
+                self._z = np.load(self._f, allow_pickle=False)
+            except Exception as e:  # numpy and zipfile raise many kinds (ValueError, BadZipFile, ...)
+                raise HesscliError(f"cannot read result file '{self.path}': {_reason(e)}") from None
+            self._read_meta()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_meta(self) -> None:
+        self.keys = list(self._z.files)
+        if "meta" not in self.keys:
+            raise HesscliError(f"'{self.path}' is not a hesscli result: it has no 'meta' entry")
+        try:
+            self.meta = json.loads(str(self._z["meta"][()]))
+        except Exception as e:  # ValueError, BadZipFile, tokenize.TokenError (a damaged .npy header), ...
+            raise HesscliError(f"cannot read result file '{self.path}': {_reason(e)}") from None
+        if not isinstance(self.meta, dict):
+            raise HesscliError(f"result file '{self.path}': 'meta' is not a JSON object")
         schema = self.meta.get("schema")
         if schema != SCHEMA:
             raise HesscliError(f"result file '{self.path}' has schema {schema!r}; this hesscli reads {SCHEMA!r}")
@@ -137,7 +172,7 @@ class ResultFile:
         except KeyError:
             raise HesscliError(f"result file '{self.path}' has no array '{key}'") from None
         except Exception as e:
-            raise HesscliError(f"cannot read '{key}' from result file '{self.path}': {type(e).__name__}: {e}") from None
+            raise HesscliError(f"cannot read '{key}' from result file '{self.path}': {_reason(e)}") from None
 
     def get(self, key: str, default=None):
         return self[key] if key in self.keys else default
@@ -147,7 +182,24 @@ class ResultFile:
         return [str(s) for s in self["block_names"]]
 
     def close(self) -> None:
-        self._z.close()
+        z = getattr(self, "_z", None)
+        if z is not None and hasattr(z, "close"):
+            z.close()
+        f = getattr(self, "_f", None)
+        if f is not None:
+            f.close()
+
+    def __enter__(self) -> ResultFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # callers that never close() must not leak the file (ResourceWarning)
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def read_result(path: str | os.PathLike) -> ResultFile:

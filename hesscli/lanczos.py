@@ -1,0 +1,271 @@
+"""Extreme eigenpairs of a symmetric operator: thick-restart block Lanczos.
+
+Block Lanczos (Golub & Underwood 1977) grows an orthonormal basis V of the block Krylov space
+span{X, HX, H²X, ...} from a random block X of ``b`` vectors, b Hessian-vector products at a time
+(one batched product). Every new block is orthogonalized twice against the whole basis (full
+reorthogonalization, classical Gram-Schmidt applied twice), and the projection T = V H Vᵀ is
+filled from the products themselves: T[:, j] = V (H v_j), so T is exact even after a restart.
+The Ritz pairs (θ, u = Vᵀs) of T approximate eigenpairs; with H V_j = Σ T_ij v_i + Lᵀ X_next for
+the last block, the residual of a Ritz pair is ‖H u − θ u‖ = ‖Lᵀ s_last‖ without another product.
+When the basis reaches ``ncv`` vectors it restarts thickly (Wu & Simon 2000; Stathopoulos, Saad &
+Wu 1998): the basis becomes the wanted Ritz vectors (plus as many more from the same end) and the
+pending block, and T becomes diag(θ), which keeps the converged directions (implicit deflation).
+
+A block of b vectors sees an eigenvalue of multiplicity up to b at once; rounding and restarts
+bring the remaining copies in, and the random start gives every eigenvector a component. A
+single-vector Krylov space holds one vector per distinct eigenvalue, which is why single-vector
+Lanczos misses multiplicities (../shared/NOTES.md). At the end the residuals are measured again with
+one more batched product (k products): ``residuals`` are ‖Hu − θu‖ of the returned pairs, not the
+recurrence's estimates. All arithmetic is float64; the products are in the operator's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+from .operators import DenseOperator, SymOperator
+from .progress import NullProgress, Progress
+
+__all__ = ["EigResult", "lanczos", "dense_eigs", "select", "WHICH"]
+
+WHICH = ("largest", "smallest", "both", "magnitude")
+BASIS_BUDGET = 1 << 30  # bytes of basis vectors (float64) held at once
+
+
+@dataclass
+class EigResult:
+    eigenvalues: np.ndarray  # (k,) ascending
+    residuals: np.ndarray  # (k,) ‖Hu − λu‖, measured
+    converged: np.ndarray  # (k,) bool: residual ≤ tol·norm
+    eigenvectors: np.ndarray | None  # (n, k) columns, or None
+    norm: float  # ‖H‖₂ estimate: the largest |λ| found
+    tol: float
+    matvecs: int
+    restarts: int
+    method: str  # block-lanczos | dense
+    block_size: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices of the ``k`` wanted values of ascending ``theta``: the k largest, the k smallest,
+    both ends (⌈k/2⌉ largest and ⌊k/2⌋ smallest, as scipy's ``eigsh(which="BE")``), or the k of
+    largest magnitude."""
+    m = len(theta)
+    k = min(k, m)
+    if which == "largest":
+        return np.arange(m - k, m)
+    if which == "smallest":
+        return np.arange(k)
+    if which == "both":
+        hi = math.ceil(k / 2)
+        return np.unique(np.concatenate([np.arange(k - hi), np.arange(m - hi, m)]))
+    if which == "magnitude":
+        return np.sort(np.argsort(-np.abs(theta), kind="stable")[:k])
+    raise UsageError(f"--which '{which}': choose {', '.join(WHICH)}")
+
+
+def default_block_size(k: int) -> int:
+    """Vectors per block: min(4, k). Measured (``bench/large_model.py --compare-blocks``, 1 thread):
+    on the digits MLP single vectors need the fewest products (top-20 largest, float64: 86, 98, 124,
+    164 products for b = 1, 2, 4, 8; 0.92, 0.90, 1.12, 1.55 s), but on least squares with 4 outputs
+    (every eigenvalue 4 times, float64) the top 8 came back with the two largest 3 + 2 times (b = 1)
+    and 4 + 2 times (b = 2), the rest filled by smaller ones; b = 4 returned both four times."""
+    return int(min(4, max(1, k)))
+
+
+def default_ncv(n: int, k: int, b: int, budget: int = BASIS_BUDGET) -> int:
+    """Basis size: max(2k + 2b, k + 6b, 128), and no more than ``budget`` bytes of float64 vectors.
+    A large basis matters: on the digits MLP the 5 smallest (clustered) eigenvalues took 9,020
+    products with 12 vectors and 177 with 200 (single-vector); the largest were insensitive."""
+    want = max(2 * k + 2 * b, k + 6 * b, 128)
+    cap = max(k + 3 * b, budget // (8 * max(n, 1)))
+    return int(min(want, cap))
+
+
+def _finish(op, theta, U, k_norm, tol, t0, mv0, restarts, method, b, eigenvectors) -> EigResult:
+    """Measure ‖Hu − θu‖ for the returned pairs (one batched product), sort ascending."""
+    order = np.argsort(theta, kind="stable")
+    theta = theta[order]
+    U = U[order]
+    HU = op.matmat(U)
+    res = torch.linalg.norm(HU - torch.as_tensor(theta, device=HU.device)[:, None] * U, dim=1).cpu().numpy()
+    conv = res <= tol * k_norm
+    vecs = U.T.cpu().numpy() if eigenvectors else None
+    notes = []
+    if method == "block-lanczos" and b > 0 and len(theta) >= b:
+        close = np.abs(np.diff(theta)) <= max(tol, 1e3 * op.eps) * k_norm
+        run = best = 0
+        for c in close:
+            run = run + 1 if c else 0
+            best = max(best, run + 1)
+        if best >= max(b, 2):
+            notes.append(f"{best} returned eigenvalues coincide, as many as the block has vectors ({b}): the eigenvalue "
+                         "may have more copies than were found; rerun with a larger --block-size to check")
+    return EigResult(theta, res, conv, vecs, k_norm, tol, op.matvecs - mv0, restarts, method, b,
+                     time.perf_counter() - t0, notes)
+
+
+def dense_eigs(op: SymOperator, k: int, which: str = "largest", tol: float = 1e-6, eigenvectors: bool = False,
+               progress: Progress | None = None) -> EigResult:
+    """All eigenpairs by ``eigh`` of the matrix (stored, or assembled from n products when n is small)."""
+    t0 = time.perf_counter()
+    mv0 = op.matvecs
+    if isinstance(op, DenseOperator):
+        H = op.H.to(op.device)
+    else:
+        progress = progress or NullProgress()
+        progress.start(op.n, "Hessian (small block)")
+        H = op.matmat(torch.eye(op.n, dtype=torch.float64, device=op.device))
+        progress.advance(op.n)
+        progress.stop()
+    w, S = torch.linalg.eigh((H + H.T) / 2)
+    theta = w.cpu().numpy()
+    norm = float(np.abs(theta).max()) if len(theta) else 0.0
+    idx = select(theta, k, which)
+    U = S[:, torch.as_tensor(idx, device=S.device)].T.contiguous()
+    if isinstance(op, DenseOperator):  # residuals against the stored matrix, no products to count
+        res = torch.linalg.norm(U @ H - torch.as_tensor(theta[idx], device=U.device)[:, None] * U, dim=1).cpu().numpy()
+        vecs = U.T.cpu().numpy() if eigenvectors else None
+        return EigResult(theta[idx], res, res <= tol * norm, vecs, norm, tol, 0, 0, "dense", 0, time.perf_counter() - t0)
+    return _finish(op, theta[idx], U, norm, tol, t0, mv0, 0, "dense", 0, eigenvectors)
+
+
+def _orth_block(R: torch.Tensor, V: torch.Tensor, gen: torch.Generator, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal rows X (⟂ V) and lower-triangular L with R = L X (R already ⟂ V). A direction
+    that vanishes (an invariant subspace, or fewer dimensions left than vectors) is replaced by a
+    random one with a zero coefficient in L."""
+    bx, n = R.shape
+    L = torch.zeros(bx, bx, dtype=torch.float64)
+    out: list[torch.Tensor] = []
+    floor = 1e-12 * max(scale, 1e-300)
+    for i in range(bx):
+        r = R[i].clone()
+        for _ in range(2):
+            if out:
+                Q = torch.stack(out)
+                c = Q @ r
+                r -= c @ Q
+                L[i, : len(out)] += c.cpu()
+            if V.shape[0]:
+                r -= (V @ r) @ V
+        beta = float(r.norm())
+        if beta > floor:
+            L[i, i] = beta
+            out.append(r / beta)
+            continue
+        for _attempt in range(3):
+            r = torch.randn(n, generator=gen, dtype=torch.float64).to(R.device)
+            for _ in range(2):
+                if out:
+                    Q = torch.stack(out)
+                    r -= (Q @ r) @ Q
+                if V.shape[0]:
+                    r -= (V @ r) @ V
+            if float(r.norm()) > 1e-8:
+                break
+        out.append(r / r.norm())
+    return torch.stack(out), L
+
+
+def lanczos(
+    op: SymOperator,
+    k: int = 20,
+    which: str = "largest",
+    tol: float = 1e-6,
+    max_matvecs: int | None = None,
+    block_size: int | None = None,
+    ncv: int | None = None,
+    seed: int = 0,
+    eigenvectors: bool = False,
+    progress: Progress | None = None,
+) -> EigResult:
+    """The ``k`` wanted eigenpairs of ``op`` (``which``: largest, smallest, both, magnitude).
+
+    Stops when every wanted Ritz pair's residual is ≤ ``tol``·‖H‖₂ (‖H‖₂: the largest |θ| found),
+    or after ``max_matvecs`` products (default max(1000, 50k)). ``ncv`` caps the basis (default
+    :func:`default_ncv`); when n is no larger than the basis would be, H is assembled from n
+    products and solved densely instead. The basis is held on the operator's device.
+    """
+    if which not in WHICH:
+        raise UsageError(f"--which '{which}': choose {', '.join(WHICH)}")
+    if k < 1:
+        raise UsageError(f"--top-k must be at least 1 (got {k})")
+    if tol <= 0:
+        raise UsageError(f"--tol must be positive (got {tol})")
+    n = op.n
+    k = min(k, n)
+    b = max(1, min(block_size or default_block_size(k), n))
+    m = ncv or default_ncv(n, k, b)
+    if isinstance(op, DenseOperator) or n <= m + 2 * b:
+        return dense_eigs(op, k, which, tol, eigenvectors, progress)
+    max_mv = max_matvecs if max_matvecs is not None else max(1000, 50 * k)
+    if max_mv < b:
+        raise UsageError(f"--max-matvecs {max_mv} is less than one block of {b} products")
+    n_keep = min(m - 2 * b, k + max(b, (m - 2 * b - k) // 2))
+    t0 = time.perf_counter()
+    mv0 = op.matvecs
+    progress = progress or NullProgress()
+    progress.start(max_mv, f"Lanczos (block {b})")
+    gen = torch.Generator().manual_seed(seed)
+    dev = op.device
+    X0 = torch.randn(b, n, generator=gen, dtype=torch.float64).to(dev)
+    buf = torch.empty(m, n, dtype=torch.float64, device=dev)  # the basis, rows 0..rows-1 (never more than m)
+    X0, _ = _orth_block(X0, buf[:0], gen, 1.0)
+    buf[:b] = X0
+    V = buf[:b]
+    T = torch.zeros(0, 0, dtype=torch.float64)
+    nmult = 0
+    restarts = 0
+    try:
+        while True:
+            X = V[nmult:]
+            bx = X.shape[0]
+            Y = op.matmat(X)
+            C = (V @ Y.T).cpu()  # (rows, bx): T[:, new block]
+            rows = V.shape[0]
+            Tn = torch.zeros(rows, rows, dtype=torch.float64)
+            Tn[:nmult, :nmult] = T
+            Tn[:, nmult:] = C
+            Tn[nmult:, :nmult] = C[:nmult].T
+            Tn[nmult:, nmult:] = (C[nmult:] + C[nmult:].T) / 2
+            T, nmult = Tn, rows
+            R = Y - C.T.to(dev) @ V
+            R -= (R @ V.T) @ V
+            theta_t, S = torch.linalg.eigh(T)
+            theta = theta_t.numpy()
+            hnorm = float(np.abs(theta).max())
+            Xnew, L = _orth_block(R, V, gen, hnorm)
+            est = torch.linalg.norm(L.T @ S[nmult - bx :, :], dim=0).numpy()
+            want = select(theta, k, which)
+            worst = float(est[want].max()) / max(hnorm, 1e-300)
+            progress.advance(bx, residual=f"{worst:.1e}")
+            done = nmult >= k + b and worst <= tol
+            if done or op.matvecs - mv0 + b > max_mv:
+                break
+            if rows + b > m:  # thick restart: keep the wanted end of the spectrum
+                keep = select(theta, n_keep, which)
+                St = S[:, torch.as_tensor(keep)].to(dev)
+                U = St.T @ V
+                buf[: len(keep)] = U
+                del U
+                buf[len(keep) : len(keep) + Xnew.shape[0]] = Xnew
+                V = buf[: len(keep) + Xnew.shape[0]]
+                T = torch.diag(theta_t[torch.as_tensor(keep)])
+                nmult = len(keep)
+                restarts += 1
+            else:
+                buf[rows : rows + Xnew.shape[0]] = Xnew
+                V = buf[: rows + Xnew.shape[0]]
+        U = S[:, torch.as_tensor(want)].to(dev).T @ V[:nmult]
+        U = U / torch.linalg.norm(U, dim=1, keepdim=True)
+    finally:
+        progress.stop()
+    return _finish(op, theta[want], U, hnorm, tol, t0, mv0, restarts, "block-lanczos", b, eigenvectors)
