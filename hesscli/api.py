@@ -205,7 +205,11 @@ def compute(
     comm=None,
     split: str = "data",
 ) -> dict:
-    """``hesscli compute``: the dense Hessian into ``out``; returns the summary (``--json``)."""
+    """``hesscli compute``: the dense Hessian into ``out``; returns the summary (``--json``).
+
+    Under torchrun (``comm`` from :func:`hesscli.distributed.from_env`), ``split="data"`` divides
+    the data over the ranks and ``split="columns"`` the Hessian's columns; rank 0 alone writes.
+    """
     t0 = time.perf_counter()
     if split not in ("data", "columns"):
         raise UsageError(f"--split '{split}': choose data or columns")

@@ -236,11 +236,21 @@ def show(
     from .results import read_result, summarize
 
     rf = read_result(result)
-    summary = summarize(rf)
+    command = rf.meta.get("command")
     con = err_console()
+    if command in ("spectrum", "trace", "density"):
+        summary = estimate_summary(rf)
+
+        def render():
+            con.print(estimate_table(summary, title=f"{command}: {result}"))
+            con.print(summary_footer(summary))
+
+        emit(summary, common, render)
+        return 0
+    summary = summarize(rf)
 
     def render():
-        con.print(summary_table(summary, title=f"{rf.meta.get('command', 'result')}: {result}"))
+        con.print(summary_table(summary, title=f"{command or 'result'}: {result}"))
         con.print(summary_footer(summary))
         for warning in summary["warnings"]:
             con.print(f"[yellow]warning:[/yellow] {warning}")
@@ -248,6 +258,63 @@ def show(
     summary["warnings"] = health_warnings(summary)
     emit(summary, common, render)
     return 0
+
+
+_ESTIMATE_KEYS = ("eigenvalues", "residuals", "converged", "trace", "trace_stderr", "matvecs")
+
+
+def estimate_summary(rf) -> dict:
+    """The summary of a spectrum, trace or density result: its estimates, whole and per block."""
+    from .results import json_safe, summarize
+
+    base = summarize(rf)
+    base.pop("blocks", None)
+    meta = rf.meta
+    out = dict(base, method=meta.get("method"), approximation=meta.get("approximation"))
+    for k in _ESTIMATE_KEYS:
+        if k in rf:
+            out[k] = rf[k]
+    if "density" in rf:
+        grid = rf["density_grid"]
+        out.update(lambda_min=float(grid[0]), lambda_max=float(grid[-1]), grid_points=int(len(grid)))
+    blocks = []
+    for name in rf.block_names if "block_names" in rf else []:
+        b = {"name": name}
+        for k in _ESTIMATE_KEYS:
+            key = f"blocks/{name}/{k}"
+            if key in rf:
+                b[k] = rf[key]
+        if len(b) > 1:
+            blocks.append(b)
+    out["blocks"] = blocks
+    return json_safe(out)
+
+
+def estimate_table(summary: dict, title: str):
+    from rich.table import Table
+
+    from .console import fmt_num
+
+    t = Table(title=title, title_justify="left")
+    rows = [dict(summary, name="all")] + list(summary.get("blocks") or [])
+    t.add_column("block")
+    for col in ("trace", "± stderr", "λmax", "λmin", "worst residual", "converged", "matvecs"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        ev = r.get("eigenvalues") or []
+        res = [x for x in (r.get("residuals") or []) if x is not None]
+        conv = r.get("converged") or []
+        t.add_row(
+            r["name"],
+            fmt_num(r.get("trace")),
+            fmt_num(r.get("trace_stderr")),
+            fmt_num(max(ev)) if ev else fmt_num(r.get("lambda_max")),
+            fmt_num(min(ev)) if ev else fmt_num(r.get("lambda_min")),
+            f"{max(res):.1e}" if res else "—",
+            f"{sum(bool(c) for c in conv)}/{len(conv)}" if conv else "—",
+            fmt_num(r.get("matvecs")),
+        )
+    return t
 
 
 @app.command()

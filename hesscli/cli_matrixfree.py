@@ -18,7 +18,8 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from .cli import Common, app, emit, model_spec, with_options
+from .api import _stage
+from .cli import Common, _comm, app, emit, model_spec, with_options
 from .errors import HesscliError, UsageError
 from .operators import DenseOperator, HessianOperator, SymOperator
 
@@ -56,7 +57,7 @@ def is_result_file(path: str) -> bool:
         return False
 
 
-def open_source(source: str | None, spec_kw: dict, per_block: bool, command: str) -> Source:
+def open_source(source: str | None, spec_kw: dict, per_block: bool, command: str, comm=None) -> Source:
     """Resolve SOURCE (SPEC.md): a result file, or a model file with --data; probe a model's symmetry."""
     t0 = time.perf_counter()
     if source is None:
@@ -75,7 +76,7 @@ def open_source(source: str | None, spec_kw: dict, per_block: bool, command: str
     else:
         if not spec_kw.get("data"):
             raise UsageError(f"'{source}' is a model file: pass --data FILE (or give a result file from compute)")
-        src = _model_source(source, spec_kw, per_block, command)
+        src = _model_source(source, spec_kw, per_block, command, comm)
     src.seconds = time.perf_counter() - t0
     return src
 
@@ -125,16 +126,21 @@ def _result_source(path: str, per_block: bool, command: str) -> Source:
     return Source("result", path, targets, meta, per_block, approximation, index)
 
 
-def _model_source(path: str, spec_kw: dict, per_block: bool, command: str) -> Source:
+def _model_source(path: str, spec_kw: dict, per_block: bool, command: str, comm=None) -> Source:
     from .api import base_meta, open_session
     from .dense import asymmetry_tolerance
 
-    session = open_session(model_spec(path, spec_kw), None)
+    session = open_session(model_spec(path, spec_kw), comm)
     obj = session.objective
     h0 = obj.hvps
     probe, where = obj.symmetry_probe(spec_kw.get("seed", 0))
     tol = asymmetry_tolerance(obj.dtype)
-    if not math.isfinite(probe) or probe > tol:
+    if not math.isfinite(probe):
+        raise HesscliError(
+            f"the Hessian-vector products contain NaN or Inf (largest trouble between parameters {where}); "
+            "check the weights, the inputs and the loss"
+        )
+    if probe > tol:
         raise HesscliError(
             f"the Hessian-vector products are not symmetric: relative asymmetry {probe:.2e} > {tol:.0e}, largest "
             f"between parameters {where}; some op in the model has a wrong second derivative in torch"
@@ -143,6 +149,9 @@ def _model_source(path: str, spec_kw: dict, per_block: bool, command: str) -> So
                      symmetry_probe_at=where, symmetry_probe_hvps=obj.hvps - h0, mode="matrix-free")
     blocks = obj.blocks("module") if per_block else obj.blocks("all")
     targets = [Target(b.name, b.start, b.stop, HessianOperator(obj, None if not per_block else b)) for b in blocks]
+    if comm is not None:  # every rank must cut its products into the same chunks (one collective each)
+        for t in targets:
+            t.op.chunk = int(comm.minimum(t.op.chunk))
     index = {"param_names": np.array(obj.names, dtype=str), "param_offsets": np.array(obj.offsets, dtype=np.int64)}
     return Source("model", path, targets, meta, per_block, None, index, objective=obj)
 
@@ -158,7 +167,7 @@ def _hvps(src: Source) -> int:
     return int(src.objective.hvps) if src.objective is not None else 0
 
 
-def _finish(src: Source, arrays: dict, meta_extra: dict, out: str, force: bool, t0: float) -> dict:
+def _finish(src: Source, arrays: dict, meta_extra: dict, out: str, force: bool, t0: float, writer: bool = True) -> dict:
     from .results import write_result
 
     meta = dict(src.meta)
@@ -167,7 +176,8 @@ def _finish(src: Source, arrays: dict, meta_extra: dict, out: str, force: bool, 
     meta["per_block"] = src.per_block
     meta["approximation"] = src.approximation
     meta["seconds"] = time.perf_counter() - t0
-    write_result(out, arrays, meta, force)
+    if writer:
+        write_result(out, arrays, meta, force)
     return meta
 
 
@@ -238,9 +248,13 @@ def spectrum(
         raise UsageError(f"--tol must be positive (got {tol})")
     t0 = time.perf_counter()
     out = common.out or "spectrum.npz"
-    check_output(out, common.force)
+    comm = _comm()
+    writer = comm is None or comm.rank == 0
+    with _stage(comm):
+        if writer:
+            check_output(out, common.force)
     con = err_console()
-    src = open_source(source, spec_kw, per_block, "spectrum")
+    src = open_source(source, spec_kw, per_block, "spectrum", comm)
     seed = spec_kw.get("seed", 0)
     results = []
     for t in src.targets:
@@ -282,7 +296,7 @@ def spectrum(
     meta = _finish(src, arrays, {
         "top_k": top_k, "which": which, "tol": tol, "max_matvecs": max_matvecs, "block_size": results[0].block_size,
         "matvecs": int(arrays["matvecs"]), "method": results[0].method, "norm_estimate": norm, "converged": all_conv,
-    }, out, common.force, t0)
+    }, out, common.force, t0, writer)
     status = "ok" if all_conv else "not_converged"
     summary = _summary_head(src, "spectrum", out, meta, status)
     summary.update(
@@ -326,7 +340,8 @@ def spectrum(
                       "(exit code 4; the result was written)")
         con.print(f"wrote {out}")
 
-    emit(summary, common, render)
+    if writer:
+        emit(summary, common, render)
     return 0 if all_conv else 4
 
 
@@ -356,9 +371,13 @@ def trace(
         raise UsageError(f"--matvecs must be at least 1 (got {matvecs})")
     t0 = time.perf_counter()
     out = common.out or "trace.npz"
-    check_output(out, common.force)
+    comm = _comm()
+    writer = comm is None or comm.rank == 0
+    with _stage(comm):
+        if writer:
+            check_output(out, common.force)
     con = err_console()
-    src = open_source(source, spec_kw, per_block, "trace")
+    src = open_source(source, spec_kw, per_block, "trace", comm)
     seed = spec_kw.get("seed", 0)
     results = []
     for i, t in enumerate(src.targets):
@@ -387,7 +406,7 @@ def trace(
     meta = _finish(src, arrays, {"method": chosen[0] if len(chosen) == 1 else chosen, "method_requested": method,
                                  "matvecs": int(arrays["matvecs"]), "matvecs_per_estimate": matvecs, "trace": total,
                                  "seeds": [seed + i for i in range(len(src.targets))],
-                                 "trace_stderr": stderr}, out, common.force, t0)
+                                 "trace_stderr": stderr}, out, common.force, t0, writer)
     summary = _summary_head(src, "trace", out, meta)
     summary.update(trace=total, stderr=stderr, trace_stderr=stderr, method=chosen[0] if len(chosen) == 1 else chosen,
                    method_requested=method, matvecs=int(arrays["matvecs"]), blocks=blocks if multi else [])
@@ -414,7 +433,8 @@ def trace(
                       + (" (P ≤ --matvecs or a stored matrix)" if chosen == ["exact"] else f" (P > --matvecs = {matvecs})"))
         con.print(f"wrote {out}")
 
-    emit(summary, common, render)
+    if writer:
+        emit(summary, common, render)
     return 0
 
 
@@ -443,11 +463,15 @@ def density(
         raise UsageError(f"--runs must be at least 1 and --steps at least 2 (got {runs}, {steps})")
     t0 = time.perf_counter()
     out = common.out or "density.npz"
-    check_output(out, common.force)
-    if plot:
+    comm = _comm()
+    writer = comm is None or comm.rank == 0
+    with _stage(comm):
+        if writer:
+            check_output(out, common.force)
+    if plot and writer:
         check_output(plot, common.force)
     con = err_console()
-    src = open_source(source, spec_kw, per_block, "density")
+    src = open_source(source, spec_kw, per_block, "density", comm)
     seed = spec_kw.get("seed", 0)
     results = []
     for i, t in enumerate(src.targets):
@@ -487,8 +511,8 @@ def density(
     arrays.update(_block_index(src))
     meta = _finish(src, arrays, {"runs": runs, "steps": steps, "sigma": sigma, "method": method_name[0] if len(method_name) == 1 else method_name,
                                  "matvecs": int(arrays["matvecs"]), "seeds": [seed + i for i in range(len(src.targets))], "smoothing": "gaussian, sigma = (lambda_max - lambda_min) / (2 * steps)"},
-                   out, common.force, t0)
-    if plot:
+                   out, common.force, t0, writer)
+    if plot and writer:
         from .density import plot_density
 
         plot_density(plot, grid, dens, title=f"Hessian eigenvalue density ({Path(src.path).name})")
@@ -516,5 +540,6 @@ def density(
             con.print(f"plot: {plot}")
         con.print(f"wrote {out}")
 
-    emit(summary, common, render)
+    if writer:
+        emit(summary, common, render)
     return 0

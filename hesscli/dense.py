@@ -4,7 +4,8 @@ Rows of H are reverse-over-reverse products (Pearlmutter 1994): for parameter te
 gradient g_j(θ) = ∇_{θ_j} L is linearised once per piece with ``torch.func.vjp``, and a chunk of k
 unit vectors e_r goes through one ``vmap``-ed pullback, giving the rows H[r, :] = ∂(g_j·e_r)/∂θ.
 (``torch.func``'s batching rules beat autograd's ``is_grads_batched``, which loops over the batch
-for several backward ops and copies its operands: 15–25% on the digits MLP, bench/RESULTS.md.)
+for several backward ops and copies its operands: 0–25% per product on the samples; see
+:func:`_use_functional` for when the cached autograd :class:`Linearization` is used instead.)
 
 The Hessian's symmetry is used at the level of parameter tensors: for tensor j, only the blocks
 H[j, i] with i ≤ j are computed, with differentiation restricted to those tensors (autograd prunes
@@ -21,6 +22,7 @@ fastest k is kept. Every tuning chunk is a real part of H; nothing is computed t
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -35,7 +37,8 @@ from .safeops import second_order_safe
 
 __all__ = ["DenseBlock", "DenseResult", "DensePlan", "plan_dense", "dense_hessian", "asymmetry_tolerance"]
 
-CHUNK_CAP = 64  # vectors per batched backward; larger chunks rarely pay on CPU (bench/)
+CHUNK_CAP = 512  # most vectors per batched product; the tuner picks k ≤ this (few samples want large k)
+WORK_BYTES = 256 << 20  # and k·(bytes per vector) stays under this: the chunk's transient memory
 
 
 def asymmetry_tolerance(dtype: torch.dtype) -> float:
@@ -148,7 +151,7 @@ def plan_dense(
     tune = chunk_size is None
     if chunk_size is None:
         room = budget - need - base
-        chunk_size = max(1, min(CHUNK_CAP, room // per_vector))
+        chunk_size = max(1, min(CHUNK_CAP, room // per_vector, WORK_BYTES // per_vector))
     blocks_ = obj.blocks("all") if chosen == "full" else groups
     return DensePlan(chosen, blocks_, budget, int(chunk_size), need_full, need_block, tune)
 
@@ -197,8 +200,10 @@ def dense_hessian(
     # ranks share the chunks by number (column split): they must all cut the same chunks, so no tuning
     tuner = _ChunkTuner(plan.chunk_size, plan.tune and world == 1, obj.device)
     progress.start(_my_rows(tasks, obj, plan.chunk_size, rank, world) * obj.n_pieces(), "Hessian")
-    for x, y in obj.data.pieces(obj.batch_size):
-        x, y = obj._move(x, y)
+    functional = _use_functional(obj)
+    for piece in obj.data.pieces(obj.batch_size) if functional else obj.linearizations():
+        if functional:
+            x, y = obj._move(*piece)
         chunk_no = -1
         for b, pos in tasks:
             H = mats[b.name]
@@ -217,11 +222,11 @@ def dense_hessian(
                     s = e
                     continue
                 if pullback is None:
-                    pullback = _row_pullback(obj, x, y, j, wrt)
+                    pullback = _row_pullback(obj, x, y, j, wrt) if functional else _linearization_rows(piece, j, wrt)
                 tuner.tic()
                 basis = torch.zeros(e - s, n_j, dtype=obj.dtype, device=obj.device)
                 basis[torch.arange(e - s), torch.arange(s, e)] = 1
-                rows = torch.func.vmap(pullback)(basis.reshape((e - s,) + shape_j))
+                rows = pullback(basis.reshape((e - s,) + shape_j))
                 col = c0
                 for i, r in zip(wrt, rows, strict=True):
                     H[r0 + s : r0 + e, col : col + obj.sizes[i]] += r.reshape(e - s, -1)
@@ -346,7 +351,34 @@ def _row_pullback(obj: Objective, x: torch.Tensor, y: torch.Tensor, j: int, wrt:
 
     with second_order_safe():
         _, pullback = torch.func.vjp(torch.func.grad(total, argnums=at), *[theta[i] for i in wrt])
-    return pullback
+
+    def rows(basis: torch.Tensor) -> list[torch.Tensor]:
+        if basis.shape[0] == 1:
+            return [r.unsqueeze(0) for r in pullback(basis[0])]
+        return list(torch.func.vmap(pullback)(basis))
+
+    return rows
+
+
+def _linearization_rows(lin, j: int, wrt: list[int]):
+    """The same rows from a cached :class:`Linearization` (autograd, ``is_grads_batched``)."""
+
+    def rows(basis: torch.Tensor) -> list[torch.Tensor]:
+        if basis.shape[0] == 1:
+            return [r.unsqueeze(0) for r in lin.apply([basis[0]], [j], wrt, batched=False)]
+        return lin.apply([basis], [j], wrt, batched=True)
+
+    return rows
+
+
+FUNCTIONAL_MIN_P = 20_000
+
+
+def _use_functional(obj: Objective) -> bool:
+    """torch.func's products are 0–25% cheaper (module docstring), but its first call imports
+    ``torch._dynamo`` (about 1 s of CPU). Use them when that is already loaded (loading a
+    TorchScript or torch.export model does it) or when the products outweigh it (large P)."""
+    return "torch._dynamo" in sys.modules or obj.P >= FUNCTIONAL_MIN_P
 
 
 class _ChunkTuner:
@@ -372,18 +404,24 @@ class _ChunkTuner:
     def next(self) -> int:
         return self.schedule[0] if self.schedule else self.best
 
+    def _now(self) -> float:
+        # CPU: process time, which a busy shared machine distorts far less than wall time (a
+        # descheduled process accrues none); CUDA: wall time after a synchronisation
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return time.process_time()
+
     def tic(self) -> None:
         if self.schedule:
-            self._sync()
-            self.t = time.perf_counter()
+            self.t = self._now()
 
     def toc(self, n: int) -> None:
         if not self.schedule:
             return
-        self._sync()
         k = self.schedule.pop(0)
         if n == k:  # a chunk cut short at the end of a tensor is not a measurement of k
-            self.rates[k] = min((time.perf_counter() - self.t) / n, self.rates.get(k, math.inf))
+            self.rates[k] = min((self._now() - self.t) / n, self.rates.get(k, math.inf))
         if not self.schedule:
             self._finish()
 
@@ -395,7 +433,3 @@ class _ChunkTuner:
     def _finish(self) -> None:
         if self.rates:
             self.best = min(self.rates, key=self.rates.get)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

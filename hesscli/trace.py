@@ -83,20 +83,25 @@ def exact_trace(op: SymOperator, progress: Progress) -> float:
     return total
 
 
-def _orthonormal_columns(Y: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis (n, s) of the rows of Y (s, n): Cholesky QR twice (no n×s copies beyond
-    the result), or Householder QR when Y is (numerically) rank-deficient."""
+def _orthonormalize_rows_(Y: torch.Tensor, cols: int = 1 << 16) -> torch.Tensor:
+    """Make the rows of Y (s, n) orthonormal in place, spanning the same space: Cholesky QR twice,
+    applied by column slabs so that no second s×n array is ever held; Householder QR when Y is
+    (numerically) rank-deficient."""
+    s, n = Y.shape
+    eye = torch.eye(s, dtype=Y.dtype, device=Y.device)
     try:
-        Q = Y
         for _ in range(2):
-            L = torch.linalg.cholesky(Q @ Q.T)
-            Q = torch.linalg.solve_triangular(L, Q, upper=False)
-        eye = torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device)
-        if torch.isfinite(Q).all() and float((Q @ Q.T - eye).abs().max()) < 1e-10:
-            return Q.T
+            L = torch.linalg.cholesky(Y @ Y.T)
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            for j in range(0, n, cols):
+                Y[:, j : j + cols] = Linv @ Y[:, j : j + cols]
+        if torch.isfinite(Y).all() and float((Y @ Y.T - eye).abs().max()) < 1e-10:
+            return Y
     except RuntimeError:  # torch.linalg.LinAlgError: not positive definite
         pass
-    return torch.linalg.qr(Y.T)[0]
+    Q = torch.linalg.qr(Y.T)[0]
+    Y[: Q.shape[1]] = Q.T
+    return Y[: Q.shape[1]]
 
 
 def _quadratic_forms(op, m, gen, progress, Q=None) -> np.ndarray:
@@ -105,7 +110,7 @@ def _quadratic_forms(op, m, gen, progress, Q=None) -> np.ndarray:
     for i in range(0, m, op.chunk):
         Z = _rademacher(min(op.chunk, m - i), op.n, gen, op.device)
         if Q is not None:
-            Z = Z - (Z @ Q) @ Q.T
+            Z = Z - (Z @ Q.T) @ Q  # Q: orthonormal rows
         vals.append((Z * op.matmat(Z)).sum(1).cpu().numpy())
         progress.advance(Z.shape[0])
     return np.concatenate(vals)
@@ -122,13 +127,15 @@ def _hutchpp(op, m, gen, progress):
         raise UsageError(f"hutchpp needs at least 3 products (got --matvecs {m})")
     s = m // 3
     g = m - 2 * s  # any leftover goes to the Hutchinson part
-    Y = torch.cat([op.matmat(_rademacher(min(op.chunk, s - i), op.n, gen, op.device)) for i in range(0, s, op.chunk)])
-    progress.advance(s)
-    Q = _orthonormal_columns(Y)  # (n, s)
-    del Y
+    Q = torch.empty(s, op.n, dtype=torch.float64, device=op.device)  # H·S, then its orthonormal basis (rows)
+    for i in range(0, s, op.chunk):
+        c = min(op.chunk, s - i)
+        Q[i : i + c] = op.matmat(_rademacher(c, op.n, gen, op.device))
+        progress.advance(c)
+    Q = _orthonormalize_rows_(Q)
     t_low = 0.0
-    for i in range(0, Q.shape[1], op.chunk):  # tr(QᵀHQ), without storing HQ
-        Qc = Q[:, i : i + op.chunk].T
+    for i in range(0, Q.shape[0], op.chunk):  # tr(QᵀHQ), without storing HQ
+        Qc = Q[i : i + op.chunk]
         t_low += float((Qc * op.matmat(Qc)).sum())
         progress.advance(Qc.shape[0])
     vals = _quadratic_forms(op, g, gen, progress, Q)

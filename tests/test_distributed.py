@@ -161,6 +161,8 @@ def test_rank_without_data(shards, tmp_path):
     assert meta["loss"] == "cross_entropy" and meta["n_samples"] == 1
     ref = reference(CNN[0], CNN[1], shards["single"], "cross_entropy")
     assert_close_matrix(arr["hessian"], ref.hessian, 1e-10, "empty rank 0 vs torch.func", ref)
+    _, one = one_process(CNN, shards["single"], tmp_path / "one.npz", dtype="float64")
+    assert_close_matrix(arr["hessian"], one["hessian"], 1e-10, "empty rank 0 vs 1 process", ref)
 
 
 def test_column_split_block_mode(shards, tmp_path):
@@ -186,8 +188,10 @@ def test_column_split_block_mode(shards, tmp_path):
     meta, arr = load_result(out)
     assert meta["split"] == "columns" and meta["rank_samples"] == [100, 100] and meta["n_samples"] == 100
     ref = cnn_reference(shards)
+    _, one = one_process(CNN, paths, tmp_path / "one.npz", dtype="float64", mode="block")
     for name, a, b in zip(arr["block_names"], arr["block_offsets"][:-1], arr["block_offsets"][1:], strict=True):
         H = arr[f"blocks/{name}/hessian"]
+        assert_close_matrix(H, one[f"blocks/{name}/hessian"], 1e-10, f"columns vs 1 process, block {name}")
         assert_close_matrix(H, ref.hessian[a:b, a:b], 1e-10, f"columns, block {name} vs torch.func")
         np.testing.assert_allclose(
             arr[f"blocks/{name}/eigenvalues"], np.linalg.eigvalsh(ref.hessian[a:b, a:b]), rtol=0, atol=1e-10 * ref.norm2
@@ -260,11 +264,6 @@ def test_stuck_rank_times_out(shards, tmp_path):
     assert "did not answer within 3 s (HESSCLI_TIMEOUT)" in stderr
 
 
-_MF_SOURCE = (ROOT / "hesscli" / "cli_matrixfree.py").read_text()
-MATRIX_FREE_WIRED = "_comm(" in _MF_SOURCE or "from_env(" in _MF_SOURCE
-
-
-@pytest.mark.xfail(not MATRIX_FREE_WIRED, reason="spectrum/trace do not use torchrun's ranks yet", strict=True)
 def test_matrix_free_commands_split_the_data(shards, tmp_path):
     """trace (exact: P products) and spectrum (Lanczos from seeded start vectors) on 2 ranks."""
     paths = shards["diabetes"]
@@ -280,3 +279,19 @@ def test_matrix_free_commands_split_the_data(shards, tmp_path):
     ev = np.sort(np.asarray(one_json(stdout)["eigenvalues"], dtype=float))
     np.testing.assert_allclose(ev, ref.eigenvalues[-3:], rtol=0, atol=1e-8 * ref.norm2)
     assert load_result(tmp_path / "s.npz")[0]["world_size"] == 2
+
+
+def test_environment_checks(monkeypatch):
+    """One process is not distributed; a bad HESSCLI_TIMEOUT is refused before joining anyone."""
+    from hesscli import distributed
+    from hesscli.errors import HesscliError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.from_env() is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.from_env() is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for bad, message in (("soon", "not a number of seconds"), ("0", "must be positive")):
+        monkeypatch.setenv("HESSCLI_TIMEOUT", bad)
+        with pytest.raises(HesscliError, match=message):
+            distributed.from_env()

@@ -197,6 +197,10 @@ def test_merge_usage(cli, per_shard, tmp_path):
     assert out.read_bytes() == b"keep"
     r = cli("merge", per_shard[0], per_shard[1], "-o", out, "--force", "-q")
     assert r.code == 0 and load_result(out)[0]["command"] == "merge"
+    spec = tmp_path / "spectrum.npz"
+    assert cli("spectrum", per_shard[1], "-o", spec, "-q", "--top-k", "2").code == 0
+    r = cli("merge", per_shard[0], spec, "-o", tmp_path / "z.npz")
+    assert r.code == 1 and "written by 'spectrum', not by 'compute'" in r.err
     not_result = tmp_path / "x.npz"
     np.savez(not_result, a=np.zeros(2))
     r = cli("merge", per_shard[0], not_result, "-o", tmp_path / "y.npz")

@@ -728,7 +728,6 @@ def _truncated_result(p: Path) -> None:
     p.write_bytes(raw[: len(raw) // 2])
 
 
-_HVP_NAN_FIX = "needs cli_matrixfree._model_source to say NaN/Inf when the symmetry probe is not finite"
 
 CASES = [
     Case("model_missing", _missing_model),
@@ -793,7 +792,6 @@ CASES = [
     Case(
         "hessian_nan_spectrum",
         _hessian_nan("spectrum", "--top-k", "2"),
-        marks=(pytest.mark.xfail(strict=True, reason=_HVP_NAN_FIX),),
     ),
     Case("outputs_n1_targets_n_auto", _broadcast_auto),
     Case("outputs_n1_targets_n_mse", _broadcast_mse),
