@@ -1020,3 +1020,12 @@ def test_max_memory_hint_is_honest(tmp_path, capfd, caplog):
     code, _, stderr = run_cli([*base, "--params", "^fc3", "-o", tmp_path / "fc3.npz"], capfd, caplog)
     assert code == 0, stderr
     assert (tmp_path / "fc3.npz").exists() and not (tmp_path / "fc2.npz").exists()
+
+
+def test_readme_carries_the_refusals_table():
+    """The README's "What hesscli refuses" table is docs/refusals.md's, row for row."""
+    table = [ln for ln in (ROOT / "docs" / "refusals.md").read_text().splitlines() if ln.startswith("| ")]
+    readme = (ROOT / "README.md").read_text()
+    assert "## What hesscli refuses" in readme
+    missing = [ln for ln in table if ln not in readme]
+    assert not missing, f"README lacks {len(missing)} rows of docs/refusals.md, e.g. {missing[0]}"
