@@ -35,11 +35,11 @@ format: install ## ruff format
 	$(BIN)/ruff format hesscli tests bench $(SAMPLES)
 
 bench: install ## Full benchmark against the naive methods and the peers; writes bench/RESULTS.md
-	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q -e ".[bench]" "$(TORCH_SPEC)"
 	$(BIN)/python bench/run.py
 
 bench-quick: install ## A quick benchmark run (smaller cases, fewer repeats)
-	$(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m pip install -q -e ".[bench]" "$(TORCH_SPEC)"
 	$(BIN)/python bench/run.py --quick
 
 samples: install ## Regenerate sample_checkpoints/ (needs scikit-learn, in the dev extra)

@@ -13,7 +13,6 @@ import signal
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -326,9 +325,8 @@ def inspect_(
     common: Common,
 ) -> int:
     """List a model's parameters and blocks, and the memory full and block mode would need."""
-    from .inspection import inspect_model
-
     from .console import err_console
+    from .inspection import inspect_model
 
     con = err_console()
     summary, render = inspect_model(model_spec(model, spec_kw), con)
@@ -427,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns SPEC.md's exit code."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torch.jit.*")
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    from . import results
+
+    results.CURRENT_ARGV = list(args)
     if args and args[0] in ("--version", "-V"):
         print(f"hesscli {__version__}")
         return 0

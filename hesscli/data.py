@@ -195,7 +195,7 @@ class Dataset:
                 return x[shard.start : e], y[shard.start : e]
         return None
 
-    def split(self, rank: int, world: int) -> "Dataset":
+    def split(self, rank: int, world: int) -> Dataset:
         """This rank's part: whole files when there are at least ``world`` shards, else sample ranges."""
         if world <= 1:
             return self

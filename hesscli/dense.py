@@ -15,8 +15,8 @@ whole, so their asymmetry is measured; cross-tensor symmetry is checked by
 
 The chunk size k is tuned on the run: per-vector cost is not monotone in k (large k pays off with
 few samples, where per-op overhead dominates, and loses with many, where the batched operands
-leave the cache), so the first rows are computed with k = 1, 2, 4, … up to the memory cap and the
-fastest k is kept. Every tuning chunk is a real part of H; nothing is computed twice.
+leave the cache), so the first rows are computed with k = 1, 8, 16, 32, … up to the memory cap and
+the fastest k is kept. Every tuning chunk is a real part of H; nothing is computed twice.
 """
 
 from __future__ import annotations
@@ -382,15 +382,18 @@ def _use_functional(obj: Objective) -> bool:
 
 
 class _ChunkTuner:
-    """Picks the chunk size k by timing real chunks: k = 1, 2, 4, … ≤ ``cap``, in two interleaved
-    rounds (so a burst of load on a shared machine hits both measurements of one k less often),
-    keeping the k with the lowest per-vector time. Tuning runs on the first (largest) tensor only,
-    since chunks of other tensors cost differently; if its rows run out first, the best k measured
-    so far is kept."""
+    """Picks the chunk size k by timing real chunks: k = 8, 16, 32, … ≤ ``cap``, in two
+    interleaved rounds (so a burst of load on a shared machine hits both measurements of one k
+    less often), keeping the k with the lowest per-vector time. Tuning runs on the first (largest)
+    tensor only, since chunks of other tensors cost differently; if its rows run out first, the
+    best k measured so far is kept. k = 1 is not a candidate: a single product rounds differently
+    from a batched one (up to 1e-9 relative), and the result must not depend on timing (the same
+    command twice gives bit-identical arrays; batched chunks of any size ≥ 2 agree to the bit). It
+    would win only in the many-samples regime, by ~15% (bench/RESULTS.md)."""
 
     def __init__(self, cap: int, tune: bool, device: torch.device):
         cap = max(1, int(cap))
-        sizes = [1 << i for i in range(cap.bit_length()) if (1 << i) < cap] + [cap]
+        sizes = [1 << i for i in range(3, cap.bit_length()) if (1 << i) < cap] + [cap]
         self.schedule = sizes * 2 if tune and cap > 1 else []
         self.best = cap
         self.device = device
@@ -431,5 +434,8 @@ class _ChunkTuner:
             self._finish()
 
     def _finish(self) -> None:
-        if self.rates:
-            self.best = min(self.rates, key=self.rates.get)
+        batched = {k: r for k, r in self.rates.items() if k > 1}
+        if batched:
+            self.best = min(batched, key=batched.get)
+        if 1 in self.rates and (not batched or self.rates[1] < 0.85 * batched[self.best]):
+            self.best = 1

@@ -406,8 +406,17 @@ class LoadedModel:
         return list(src.named_parameters())
 
     def materialize(self, example_inputs: Any) -> nn.Module:
-        """Convert a TorchScript module with an example batch; a no-op for the other formats."""
+        """Make a TorchScript module usable with ``functional_call``; a no-op for the other formats.
+
+        A graph without ops that need a second-order-safe rewrite (:mod:`hesscli.safeops`) runs
+        as it is, its parameters swapped in per call (:class:`ScriptAdapter`); one with them is
+        converted to an ExportedProgram (``TS2EPConverter``, which costs the import of
+        ``torch._dynamo``: seconds), whose ATen calls the rewrite intercepts.
+        """
         if self.module is not None:
+            return self.module
+        if not _needs_rewrite(self.script):
+            self.module = ScriptAdapter(self.script)
             return self.module
         from torch._export.converter import TS2EPConverter
 
@@ -426,6 +435,65 @@ class LoadedModel:
         self.module = module
         self.notes.append("TorchScript converted to an ExportedProgram for torch.func")
         return module
+
+
+_REWRITTEN_OPS = ("layer_norm", "instance_norm", "scaled_dot_product_attention")
+
+
+def _needs_rewrite(script) -> bool:
+    """Whether a TorchScript graph calls an op whose second derivative torch gets wrong."""
+    try:
+        text = str(script.inlined_graph)
+    except Exception:  # noqa: BLE001 - no graph to read: convert, the safe route
+        return True
+    # as ATen ops (aten::layer_norm) or as calls of builtin functions (prim::Constant[name="layer_norm"])
+    return any(op in text for op in _REWRITTEN_OPS)
+
+
+class ScriptAdapter(nn.Module):
+    """A TorchScript module whose parameters ``functional_call`` can substitute.
+
+    ``functional_call`` refuses ScriptModules, so the adapter holds a parameter of its own per
+    parameter of the archive (same names, same order) and, per call, sets them into the script
+    module (``_c.setattr``) and restores the originals afterwards. TorchScript's graph-executor
+    optimisation is switched off for this: with it on, the profiling executor specialises the graph
+    after warm-up and later products go silently wrong (NOTES.md); products are pinned by tests
+    that repeat them.
+    """
+
+    def __init__(self, script):
+        super().__init__()
+        torch._C._set_graph_executor_optimize(False)
+        object.__setattr__(self, "_script", script)
+        self._names = [n for n, _ in script.named_parameters()]
+        sp = dict(script.named_parameters())
+        self._slots = []
+        for n in self._names:
+            path, _, attr = n.rpartition(".")
+            mine, theirs = self, script
+            for part in path.split(".") if path else []:
+                if part not in mine._modules:
+                    mine.add_module(part, nn.Module())
+                mine, theirs = mine._modules[part], getattr(theirs, part)
+            mine.register_parameter(attr, nn.Parameter(sp[n].detach().clone()))
+            self._slots.append((mine, theirs, attr))
+        self._hesscli_param_order = list(self._names)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._script._apply(fn)
+        return self
+
+    def forward(self, *args):
+        saved = []
+        try:
+            for mine, theirs, attr in self._slots:
+                saved.append((theirs, attr, theirs._c.getattr(attr)))
+                theirs._c.setattr(attr, getattr(mine, attr))
+            return self._script(*args)
+        finally:
+            for theirs, attr, t in reversed(saved):
+                theirs._c.setattr(attr, t)
 
 
 def _buffers_to_parameters(module: nn.Module, names: list[str]) -> None:

@@ -270,7 +270,12 @@ def summarize(rf: ResultFile | Mapping[str, Any], meta: Mapping[str, Any] | None
     return json_safe(summary)
 
 
+CURRENT_ARGV: list[str] | None = None  # set by hesscli.cli.main for the command being run
+
+
 def command_line() -> str:
+    """The command line being run, as a shell would take it (``meta.command_line``)."""
     import shlex
 
-    return " ".join(shlex.quote(a) for a in ["hesscli", *sys.argv[1:]])
+    args = CURRENT_ARGV if CURRENT_ARGV is not None else sys.argv[1:]
+    return " ".join(shlex.quote(str(a)) for a in ["hesscli", *args])

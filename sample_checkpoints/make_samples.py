@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from archs import DiabetesMLP, DigitsCNN, DigitsMLP
+from archs import DiabetesMLP, DigitsCNN, DigitsMLP  # noqa: E402 - archs.py sits beside this script
 
 SEED = 0
 MAX_BYTES = 1_000_000
@@ -279,7 +279,7 @@ def main() -> None:
     check_data(data)
 
     rows = []
-    for name, (cls, kwargs, shard, task, _, _) in MODELS.items():
+    for name, (cls, _kwargs, shard, task, _, _) in MODELS.items():
         model = train(name, data[shard])
         written += write_model(name, model, data[shard])
         check_model(name, model, data[shard])
