@@ -23,7 +23,7 @@ install: $(BIN)/.installed ## Create .venv with the CPU build of torch and hessc
 demo: install ## Run hesscli on the bundled digits MLP checkpoint
 	@mkdir -p demo-out
 	$(BIN)/hesscli compute $(SAMPLES)/digits_mlp.pt --data $(SAMPLES)/digits.pt -o demo-out/hessian.npz --force
-	$(BIN)/hesscli spectrum demo-out/hessian.npz --top-k 5 -o demo-out/spectrum.npz --force || true
+	$(BIN)/hesscli spectrum demo-out/hessian.npz --top-k 5 -o demo-out/spectrum.npz --force
 
 test: install ## Run the test suite
 	$(BIN)/python -m pytest -q -p no:cacheprovider
