@@ -156,6 +156,20 @@ def _model_source(path: str, spec_kw: dict, per_block: bool, command: str, comm=
     return Source("model", path, targets, meta, per_block, None, index, objective=obj)
 
 
+def _start(common: Common, default_out: str):
+    """The output path, the torchrun communicator (or None) and whether this rank writes; the
+    output is checked before any work, on the writing rank, and every rank learns of a refusal."""
+    from .results import check_output
+
+    out = common.out or default_out
+    comm = _comm()
+    writer = comm is None or comm.rank == 0
+    with _stage(comm):
+        if writer:
+            check_output(out, common.force)
+    return out, comm, writer
+
+
 def _block_index(src: Source) -> dict:
     arrays = dict(src.index)
     arrays["block_names"] = np.array([t.name for t in src.targets], dtype=str)
@@ -238,7 +252,6 @@ def spectrum(
     """Extreme eigenvalues with residuals: block Lanczos on a model, eigh on a result file."""
     from .console import err_console, make_progress
     from .lanczos import WHICH, lanczos, select
-    from .results import check_output
 
     if which not in WHICH:
         raise UsageError(f"--which '{which}': choose {', '.join(WHICH)}")
@@ -247,12 +260,7 @@ def spectrum(
     if not (tol > 0):
         raise UsageError(f"--tol must be positive (got {tol})")
     t0 = time.perf_counter()
-    out = common.out or "spectrum.npz"
-    comm = _comm()
-    writer = comm is None or comm.rank == 0
-    with _stage(comm):
-        if writer:
-            check_output(out, common.force)
+    out, comm, writer = _start(common, "spectrum.npz")
     con = err_console()
     src = open_source(source, spec_kw, per_block, "spectrum", comm)
     seed = spec_kw.get("seed", 0)
@@ -362,7 +370,6 @@ def trace(
 ) -> int:
     """The trace of the Hessian: exact, or estimated (Hutchinson, Hutch++, XTrace) with a standard error."""
     from .console import err_console, make_progress
-    from .results import check_output
     from .trace import METHODS, TraceResult, combine, estimate_trace
 
     if method not in METHODS:
@@ -370,12 +377,7 @@ def trace(
     if matvecs < 1:
         raise UsageError(f"--matvecs must be at least 1 (got {matvecs})")
     t0 = time.perf_counter()
-    out = common.out or "trace.npz"
-    comm = _comm()
-    writer = comm is None or comm.rank == 0
-    with _stage(comm):
-        if writer:
-            check_output(out, common.force)
+    out, comm, writer = _start(common, "trace.npz")
     con = err_console()
     src = open_source(source, spec_kw, per_block, "trace", comm)
     seed = spec_kw.get("seed", 0)
@@ -462,12 +464,7 @@ def density(
     if runs < 1 or steps < 2:
         raise UsageError(f"--runs must be at least 1 and --steps at least 2 (got {runs}, {steps})")
     t0 = time.perf_counter()
-    out = common.out or "density.npz"
-    comm = _comm()
-    writer = comm is None or comm.rank == 0
-    with _stage(comm):
-        if writer:
-            check_output(out, common.force)
+    out, comm, writer = _start(common, "density.npz")
     if plot and writer:
         check_output(plot, common.force)
     con = err_console()
