@@ -220,7 +220,8 @@ def _footer(summary: dict) -> str:
     if summary.get("dtype"):
         parts.append(f"{summary['dtype']} on {summary.get('device')}")
     if summary.get("symmetry_probe") is not None:
-        parts.append(f"symmetry probe {summary['symmetry_probe']:.1e} ({summary.get('symmetry_probe_hvps')} HVPs)")
+        cost = summary.get("symmetry_probe_hvps")
+        parts.append(f"symmetry probe {summary['symmetry_probe']:.1e}" + (f" ({cost} HVPs)" if cost is not None else ""))
     if summary.get("hvps"):
         parts.append(f"{fmt_num(summary['hvps'])} HVPs")
     if summary.get("seconds") is not None:
