@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hesscli.operators import SymOperator
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"
 DIGITS_MLP = SAMPLES / "digits_mlp.pt"
@@ -98,3 +100,16 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+class MatOp(SymOperator):
+    """A dense matrix behind the matrix-free interface, so that Lanczos, Hutch++ and SLQ run on it
+    (a ``DenseOperator`` would be answered by dense linear algebra instead)."""
+
+    def __init__(self, H):
+        super().__init__()
+        self.H = torch.as_tensor(H, dtype=torch.float64)
+        self.n = self.H.shape[0]
+
+    def _apply(self, V):
+        return V @ self.H

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from mf_models import (
     DIGITS,
     DIGITS_CNN,
     DIGITS_IMAGES,
     DIGITS_MLP,
+    MatOp,
     cli,
     digits_truth,
     least_squares_case,
@@ -18,7 +18,6 @@ from mf_models import (
 )
 
 from hesscli.density import slq, smooth, text_histogram
-from hesscli.operators import SymOperator
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,15 +30,6 @@ def _one_thread():
 def truth():
     return digits_truth()
 
-
-class MatOp(SymOperator):
-    def __init__(self, H):
-        super().__init__()
-        self.H = torch.as_tensor(H, dtype=torch.float64)
-        self.n = self.H.shape[0]
-
-    def _apply(self, V):
-        return V @ self.H
 
 
 def test_quadrature_is_exact_with_n_steps():

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from mf_models import DIGITS, DIGITS_CNN, DIGITS_IMAGES, DIGITS_MLP, cli, digits_truth, least_squares_case, one_thread
+from mf_models import (
+    DIGITS,
+    DIGITS_CNN,
+    DIGITS_IMAGES,
+    DIGITS_MLP,
+    MatOp,
+    cli,
+    digits_truth,
+    least_squares_case,
+    one_thread,
+)
 
 from hesscli.lanczos import lanczos, select
-from hesscli.operators import DenseOperator, SymOperator
+from hesscli.operators import DenseOperator
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -22,17 +31,6 @@ def _one_thread():
 def truth():
     return digits_truth()
 
-
-class MatOp(SymOperator):
-    """A dense matrix behind the matrix-free interface (so Lanczos, not eigh, runs)."""
-
-    def __init__(self, H):
-        super().__init__()
-        self.H = torch.as_tensor(H, dtype=torch.float64)
-        self.n = self.H.shape[0]
-
-    def _apply(self, V):
-        return V @ self.H
 
 
 def _spectrum_with_multiplicities(n=400, seed=0):

@@ -6,10 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from mf_models import DIGITS, DIGITS_CNN, DIGITS_IMAGES, DIGITS_MLP, cli, digits_truth, least_squares_case, one_thread
+from mf_models import (
+    DIGITS,
+    DIGITS_CNN,
+    DIGITS_IMAGES,
+    DIGITS_MLP,
+    MatOp,
+    cli,
+    digits_truth,
+    least_squares_case,
+    one_thread,
+)
 
 from hesscli.api import ModelSpec, open_session
-from hesscli.operators import HessianOperator, SymOperator
+from hesscli.operators import HessianOperator
 from hesscli.progress import NullProgress
 from hesscli.trace import _xtrace, choose_method, estimate_trace
 
@@ -24,15 +34,6 @@ def _one_thread():
 def truth():
     return digits_truth()
 
-
-class MatOp(SymOperator):
-    def __init__(self, H):
-        super().__init__()
-        self.H = torch.as_tensor(H, dtype=torch.float64)
-        self.n = self.H.shape[0]
-
-    def _apply(self, V):
-        return V @ self.H
 
 
 def _decaying(n=300, seed=0):
