@@ -36,19 +36,19 @@ def _flat(rows_by_tensor, P) -> torch.Tensor:
     return torch.cat([r.reshape(r.shape[0], -1) if r.dim() > 1 else r.reshape(1, -1) for r in rows_by_tensor], 1)
 
 
-def session(case: Case, device: str, dtype: str | None = None):
+def session(case: Case, device: str, dtype: str | None = None, engine: str = "auto"):
     from hesscli import ModelSpec, open_session
 
-    return open_session(ModelSpec(**case.spec_kwargs(device, dtype)))
+    return open_session(ModelSpec(**case.spec_kwargs(device, dtype), engine=engine))
 
 
 # ----------------------------------------------------------------------------- dense Hessians
 
 
-def dense_hesscli(case: Case, device: str, symmetric: bool = True) -> dict:
+def dense_hesscli(case: Case, device: str, symmetric: bool = True, engine: str = "auto") -> dict:
     from hesscli.dense import dense_hessian
 
-    obj = session(case, device).objective
+    obj = session(case, device, engine=engine).objective
     t = clock(device)
     res = dense_hessian(obj, mode="full", symmetric=symmetric)
     total = clock(device) - t
@@ -58,8 +58,13 @@ def dense_hesscli(case: Case, device: str, symmetric: bool = True) -> dict:
         "eig_seconds": res.eig_seconds,
         "hvps": res.hvps,
         "chunk": res.chunk_size,
+        "engine": "chain" if obj.chain is not None else "autograd",
         "_hessian": res.blocks[0].hessian,
     }
+
+
+def dense_hesscli_autograd(case: Case, device: str) -> dict:
+    return dense_hesscli(case, device, engine="autograd")
 
 
 def dense_hesscli_nosym(case: Case, device: str) -> dict:
@@ -130,6 +135,7 @@ def dense_curvlinops(case: Case, device: str) -> dict:
 DENSE = {
     "hesscli": dense_hesscli,
     "hesscli (no symmetry)": dense_hesscli_nosym,
+    "hesscli (autograd engine)": dense_hesscli_autograd,
     "row loop (autograd.grad per entry)": dense_rowloop,
     "torch.func.hessian": dense_func_hessian,
     "autograd.functional.hessian(vectorize)": dense_autograd_functional,
@@ -180,9 +186,9 @@ def _hvp_stats(first_at: float, t0: float, single, batched, P: int, device: str,
     return out
 
 
-def hvp_hesscli(case: Case, device: str, reps: int) -> dict:
+def hvp_hesscli(case: Case, device: str, reps: int, engine: str = "auto") -> dict:
     t0 = clock(device)
-    obj = session(case, device).objective
+    obj = session(case, device, engine=engine).objective
     g = torch.Generator().manual_seed(0)
     v = torch.randn(obj.P, generator=g)
     V = torch.randn(32, obj.P, generator=g)
@@ -219,7 +225,12 @@ def hvp_curvlinops(case: Case, device: str, reps: int) -> dict:
     return _hvp_stats(first, t0, lambda: op @ v, lambda: op @ V, P, device, reps)
 
 
-HVP = {"hesscli": hvp_hesscli, "PyHessian": hvp_pyhessian, "curvlinops": hvp_curvlinops}
+def hvp_hesscli_autograd(case: Case, device: str, reps: int) -> dict:
+    return hvp_hesscli(case, device, reps, engine="autograd")
+
+
+HVP = {"hesscli": hvp_hesscli, "hesscli (autograd engine)": hvp_hesscli_autograd, "PyHessian": hvp_pyhessian,
+       "curvlinops": hvp_curvlinops}
 
 
 # ----------------------------------------------------------------------------- top-20 and trace

@@ -43,6 +43,7 @@ class ModelSpec:
     device: str = "auto"
     dtype: str | None = None
     seed: int = 0
+    engine: str = "auto"
 
 
 @dataclass
@@ -90,6 +91,7 @@ def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
         device=device,
         dtype=spec.dtype,
         comm=comm if split == "data" else None,
+        engine=spec.engine,
         **({"example": example} if example is not None else {}),
     )
     obj.info.notes[:0] = lm.notes
@@ -146,6 +148,7 @@ def base_meta(command: str, session: Session, **extra) -> dict:
         "dtype": str(obj.dtype).replace("torch.", ""),
         "device": str(obj.device),
         "seed": spec.seed,
+        "engine": "chain" if obj.chain is not None else "autograd",
         "world_size": 1 if session.comm is None else session.comm.world,
         "notes": list(obj.info.notes),
         "unused_params": list(obj.info.unused),

@@ -74,6 +74,8 @@ MODEL_OPTIONS = [
     _opt("device", str, "auto", "--device", help="auto, cpu, cuda or cuda:N."),
     _opt("dtype", Optional[str], None, "--dtype", help="float32 or float64 (default: the parameters', at least float32)."),
     _opt("seed", int, 0, "--seed", help="Seed for random vectors."),
+    _opt("engine", str, "auto", "--engine",
+         help="Hessian-vector products: auto (closed form for MLPs, checked against autograd; autograd otherwise), autograd, or chain (closed form or refuse)."),
 ]
 
 COMMON_OPTIONS = [
@@ -427,8 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torch.jit.*")
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     from . import results
+    from .memory import keep_freed_memory
 
     results.CURRENT_ARGV = list(args)
+    keep_freed_memory()
     if args and args[0] in ("--version", "-V"):
         print(f"hesscli {__version__}")
         return 0

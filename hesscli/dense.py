@@ -9,7 +9,9 @@ for several backward ops and copies its operands: 0–25% per product on the sam
 
 The Hessian's symmetry is used at the level of parameter tensors: for tensor j, only the blocks
 H[j, i] with i ≤ j are computed, with differentiation restricted to those tensors (autograd prunes
-the rest of the graph), and the upper triangle is mirrored. Diagonal tensor blocks are computed
+the rest of the graph), and the upper triangle is mirrored. With the closed-form products of an
+affine chain (:mod:`hesscli.chain`) it is the other triangle, i ≥ j: rows of layer l then need the
+R-forward pass from layer l up and the backward pass down to layer l only. Diagonal tensor blocks are computed
 whole, so their asymmetry is measured; cross-tensor symmetry is checked by
 :meth:`Objective.symmetry_probe`.
 
@@ -201,6 +203,7 @@ def dense_hessian(
     tuner = _ChunkTuner(plan.chunk_size, plan.tune and world == 1, obj.device)
     progress.start(_my_rows(tasks, obj, plan.chunk_size, rank, world) * obj.n_pieces(), "Hessian")
     functional = _use_functional(obj)
+    upper = obj.chain is not None
     for piece in obj.data.pieces(obj.batch_size) if functional else obj.linearizations():
         if functional:
             x, y = obj._move(*piece)
@@ -208,7 +211,10 @@ def dense_hessian(
         for b, pos in tasks:
             H = mats[b.name]
             j = b.tensors[pos]
-            wrt = list(b.tensors[: pos + 1]) if symmetric else list(b.tensors)
+            if not symmetric:
+                wrt = list(b.tensors)
+            else:  # one triangle of tensor blocks: the cheaper one for the engine (module docstring)
+                wrt = list(b.tensors[pos:]) if upper else list(b.tensors[: pos + 1])
             c0 = obj.offsets[wrt[0]] - b.start
             r0 = obj.offsets[j] - b.start
             n_j, shape_j = obj.sizes[j], obj.shapes[j]
@@ -261,11 +267,11 @@ def dense_hessian(
                 if d.numel() and hmax > 0 and d.max().item() / hmax > asym:
                     asym = d.max().item() / hmax
                     worst_at = f"{obj.names[j]} / {obj.names[j]}"
-            # mirror the computed lower triangle (one P×P temporary)
-            low = torch.tril(H, -1)
-            H.tril_()
-            H.add_(low.T)
-            del low
+            # mirror the computed triangle (one P×P temporary)
+            part = torch.triu(H, 1) if upper else torch.tril(H, -1)
+            H.triu_() if upper else H.tril_()
+            H.add_(part.T)
+            del part
         else:
             d = (H - H.T).abs()
             if hmax > 0 and d.numel() and d.max().item() / hmax > asym:
@@ -378,6 +384,8 @@ def _use_functional(obj: Objective) -> bool:
     """torch.func's products are 0–25% cheaper (module docstring), but its first call imports
     ``torch._dynamo`` (about 1 s of CPU). Use them when that is already loaded (loading a
     TorchScript or torch.export model does it) or when the products outweigh it (large P)."""
+    if obj.chain is not None:  # closed-form chain products beat both
+        return False
     return "torch._dynamo" in sys.modules or obj.P >= FUNCTIONAL_MIN_P
 
 

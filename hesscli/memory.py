@@ -10,7 +10,7 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["parse_size", "default_budget", "fmt_bytes", "available_memory"]
+__all__ = ["parse_size", "default_budget", "fmt_bytes", "available_memory", "keep_freed_memory"]
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -71,3 +71,31 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's allocator reuse freed blocks of any size instead of returning them to the kernel.
+
+    By default glibc serves blocks over 128 KiB–32 MiB with fresh ``mmap`` pages and unmaps them
+    on free, so every batched product's (N, k, h) temporaries are page-faulted and zeroed by the
+    kernel anew: measured on the digits MLP's dense Hessian, 35% of its time (bench/RESULTS.md).
+    This sets ``M_MMAP_THRESHOLD`` to 1 GiB (larger blocks still get their own pages) and
+    ``M_TRIM_THRESHOLD`` to 2 GiB: the process's resident size stays near its peak instead of
+    shrinking, and the peak does not grow. The CLI calls it at start-up; a library user may.
+    Returns whether it took effect (glibc only; a no-op elsewhere or under other allocators).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1 and ok  # an int: 2 GiB
+    return ok

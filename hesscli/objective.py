@@ -25,13 +25,20 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .chain import ChainLinearization, ChainProgram, NotAChain, record_chain
 from .data import Dataset
 from .devices import no_tf32, resolve_device, resolve_dtype
 from .errors import HesscliError, UsageError
 from .losses import Loss, resolve_loss
 from .safeops import second_order_safe
 
-__all__ = ["Objective", "Linearization", "ParamBlock"]
+__all__ = ["Objective", "Linearization", "ParamBlock", "ENGINES"]
+
+ENGINES = ("auto", "autograd", "chain")  # products: chain when the model is one, autograd always, chain or refuse
+
+
+def engine_wanted(engine: str, loss: str) -> bool:
+    return engine != "autograd" and loss != "model"
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,12 @@ class Objective:
         check: bool = True,
         cache_bytes: int | None = None,
         example: tuple[torch.Tensor, torch.Tensor] | None = None,
+        engine: str = "auto",
     ):
+        if engine not in ENGINES:
+            raise UsageError(f"--engine '{engine}': choose {' or '.join(ENGINES)}")
+        self.engine = engine
+        self.chain: ChainProgram | None = None
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
         self.data = data
@@ -273,6 +285,10 @@ class Objective:
         self.loss_value = n_terms[1].item() * self.scale
         if check and first is not None:
             self._find_unused(first)
+        if self.engine == "chain" and self.loss.name == "model":
+            raise UsageError("--engine chain needs one of hesscli's losses, not --loss model")
+        if first is not None and engine_wanted(self.engine, self.loss.name):
+            self._detect_chain(first)
 
     def _check_model(self, params, x, y, out0) -> None:
         """Refuse models whose outputs are not finite, are random (dropout baked in) or depend on
@@ -316,13 +332,57 @@ class Objective:
                 "parameters that get no gradient (their Hessian rows are zero): " + ", ".join(self.info.unused)
             )
 
+    def _detect_chain(self, first) -> None:
+        """Use :mod:`hesscli.chain`'s closed-form products when the model is an affine chain and
+        they agree with autograd's on the first samples (two random vectors)."""
+        x, y = self._move(*first)
+        try:
+            out, ops = record_chain(lambda: self._forward(self._param_dict(self.theta), x))
+            program = ChainProgram.parse(ops, self.theta, x, out)
+            lin = ChainLinearization(program, ops, self.theta, out, y, self.loss)
+        except NotAChain as e:
+            if self.engine == "chain":
+                raise HesscliError(f"--engine chain: the model is not an affine chain ({e})") from None
+            return
+        ref = self._autograd_linearization(x, y)
+        self.linearization_bytes = 0  # measured on a whole piece later (measure_linearization)
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        idx = list(range(len(self.names)))
+        V = [torch.randn((2,) + s, generator=gen, dtype=torch.float64).to(self.device, self.dtype) for s in self.shapes]
+        a = torch.cat([r.reshape(2, -1) for r in lin.apply(V, idx, idx, batched=True)], 1)
+        b = torch.cat([r.reshape(2, -1) for r in ref.apply(V, idx, idx, batched=True)], 1)
+        scale = b.abs().max().item()
+        err = (a - b).abs().max().item() / scale if scale > 0 else (a - b).abs().max().item()
+        tol = 1e-4 if self.dtype == torch.float32 else 1e-9
+        if not err <= tol:
+            if self.engine == "chain":
+                raise HesscliError(f"--engine chain: its products differ from autograd's by {err:.1e} (relative)")
+            self.info.notes.append(f"{program.description}: closed-form products differ from autograd's ({err:.1e}); autograd used")
+            return
+        self.chain = program
+        self.info.notes.append(f"Hessian-vector products in closed form for the {program.description}")
+
     # ------------------------------------------------------------------ products
 
     def blocks(self, by: str = "module") -> list[ParamBlock]:
         """Parameter groups: ``module`` (a module's own tensors together), ``tensor`` or ``all``."""
         return param_blocks(self.names, self.offsets, by)
 
-    def linearize(self, x: torch.Tensor, y: torch.Tensor) -> Linearization:
+    def linearize(self, x: torch.Tensor, y: torch.Tensor) -> Linearization | ChainLinearization:
+        """What products on this piece need: the closed-form chain quantities
+        (:mod:`hesscli.chain`) when the model is a checked affine chain, else the gradient with its
+        graph (:class:`Linearization`)."""
+        if self.chain is not None:
+            try:
+                out, ops = record_chain(lambda: self._forward(self._param_dict(self.theta), x))
+                lin = ChainLinearization(self.chain, ops, self.theta, out, y, self.loss)
+                self.linearization_bytes = max(self.linearization_bytes, lin.nbytes)
+                return lin
+            except NotAChain:  # this piece ran other ops: autograd
+                pass
+        return self._autograd_linearization(x, y)
+
+    def _autograd_linearization(self, x: torch.Tensor, y: torch.Tensor) -> Linearization:
         """g(θ) = ∇ of this piece's summed loss, with its graph kept for products."""
         leaves = [t.clone().requires_grad_(True) for t in self.theta]
         seen: dict[int, int] = {}

@@ -4,7 +4,8 @@ reference (``tests/reference.py``) by path. Only ``torch`` is imported."""
 import torch
 from torch import nn
 
-__all__ = ["Linear", "InstanceNorm1dNet", "InstanceNorm2dNet", "TinyMLP", "randomize_", "save_state_dict", "save_shard"]
+__all__ = ["Linear", "InstanceNorm1dNet", "InstanceNorm2dNet", "TinyMLP", "ChainMLP", "HandAffine", "ResidualMLP", "SharedMLP",
+           "SigmoidHead", "randomize_", "save_state_dict", "save_shard"]
 
 
 class Linear(nn.Module):
@@ -76,3 +77,77 @@ def save_state_dict(model: nn.Module, path) -> None:
 
 def save_shard(path, inputs: torch.Tensor, targets: torch.Tensor) -> None:
     torch.save({"inputs": inputs.contiguous(), "targets": targets.contiguous()}, path)
+
+
+_ACTS = {
+    "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu,
+    "softplus": torch.nn.functional.softplus, "silu": torch.nn.functional.silu, "none": lambda h: h,
+}
+
+
+class ChainMLP(nn.Module):
+    """widths[0] → … → widths[-1] through nn.Linear, the activation ``act`` between layers (a
+    functional call, as most MLPs write it); ``squeeze`` returns (N,) when the last width is 1."""
+
+    def __init__(self, widths=(12, 7, 5, 3), act: str = "tanh", bias: bool = True, squeeze: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths[:-1], widths[1:]))
+        self.act, self.squeeze = act, squeeze
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = _ACTS[self.act](x)
+        return x.reshape(-1) if self.squeeze else x
+
+
+class HandAffine(nn.Module):
+    """Images (N, 1, 8, 8) flattened, then affine maps written by hand (``x @ w.t() + b``) with
+    a scaled activation ``2 * tanh`` between them: the same chain, other ATen ops."""
+
+    def __init__(self, hidden: int = 6, n_classes: int = 4):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(hidden, 64) * 0.1)
+        self.b1 = nn.Parameter(torch.zeros(hidden))
+        self.w2 = nn.Parameter(torch.randn(n_classes, hidden) * 0.1)
+
+    def forward(self, x):
+        h = x.flatten(1) @ self.w1.t() + self.b1
+        return (2.0 * torch.tanh(h)) @ self.w2.t()
+
+
+class ResidualMLP(nn.Module):
+    """x → Linear → tanh → + skip → Linear: not a chain (the skip reads an earlier value)."""
+
+    def __init__(self, d: int = 6, d_out: int = 3):
+        super().__init__()
+        self.fc1 = nn.Linear(d, d)
+        self.fc2 = nn.Linear(d, d_out)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.tanh(h) + h)
+
+
+class SharedMLP(nn.Module):
+    """The same Linear applied twice: not a chain (shared weights)."""
+
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.fc(x)))
+
+
+class SigmoidHead(nn.Module):
+    """An activation after the last layer: not a chain in hesscli's sense (the loss sees σ(z))."""
+
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.fc1 = nn.Linear(d, 4)
+        self.fc2 = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc2(torch.tanh(self.fc1(x))))

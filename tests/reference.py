@@ -173,6 +173,8 @@ def mean_loss(name: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "m
         return F.mse_loss(out, y, reduction=reduction)
     if name == "bce_with_logits":
         return F.binary_cross_entropy_with_logits(out, y, reduction=reduction)
+    if name == "nll":
+        return F.nll_loss(out, y, reduction=reduction, ignore_index=-100)
     raise ValueError(name)
 
 
