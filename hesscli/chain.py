@@ -72,6 +72,12 @@ def _key(t: torch.Tensor):
 
 
 class _Recorder(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # otherwise torch wraps __torch_dispatch__ in torch._disable_dynamo, whose first call
+        # imports torch._dynamo and sympy: about a second of start-up for nothing (no compilation here)
+        return False
+
     def __init__(self):
         super().__init__()
         self.ops: list[tuple] = []
@@ -322,7 +328,7 @@ class ChainLinearization:
             else:
                 rz = self.A[i].new_zeros(N, k, out_f)
             if RA[i] is not None:
-                rz.view(N * k, out_f).addmm_(RA[i].view(N * k, in_f), W.t())
+                _acc_mm(rz.view(N * k, out_f), RA[i].view(N * k, in_f), W.t())
             if db[i] is not None:
                 rz += db[i]
             RZ[i] = rz
@@ -341,7 +347,7 @@ class ChainLinearization:
             if i - 1 >= ml:
                 rdt = torch.mm(rd.view(N * k, out_f), W).view(N, k, in_f)
                 if dW[i] is not None:
-                    rdt.view(N, k * in_f).addmm_(self.delta[i], dW[i].transpose(0, 1).reshape(out_f, k * in_f))
+                    _acc_mm(rdt.view(N, k * in_f), self.delta[i], dW[i].transpose(0, 1).reshape(out_f, k * in_f))
                 if self.s1[i - 1] is not None:
                     rdt *= self.s1[i - 1][:, None, :]
                 if self.c2[i - 1] is not None and RZ[i - 1] is not None:
@@ -352,6 +358,11 @@ class ChainLinearization:
     def _shape(self, j: int) -> tuple:
         i, what = self.slots[j]
         return tuple(self.W[i].shape) if what == "w" else (self.W[i].shape[0],)
+
+
+def _acc_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b in place (the ``out=`` form of addmm, which flop counters see; ``addmm_`` they miss)."""
+    torch.addmm(out, a, b, out=out)
 
 
 def _derivatives(acts, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
