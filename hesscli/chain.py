@@ -104,6 +104,7 @@ class _Layer:
     w_value: torch.Tensor | None = None  # the constant weight (w is None)
     b_value: torch.Tensor | None = None  # the constant bias (b is None; may stay None)
     op_at: int = -1  # position of the affine op in the recording
+    in_at: int = -1  # position of the op whose result is the layer's input (-1: a constant)
     acts: tuple = ()  # (func, extra args, kwargs) applied after the layer, in order
 
 
@@ -141,7 +142,10 @@ class ChainProgram:
                 return r
             raise NotAChain(f"{what} reads something other than the previous layer's output")
 
+        producer: dict = {}  # tensor key -> position of the op that made it
         for pos, (func, args, kwargs, res) in enumerate(ops):
+            if isinstance(res, torch.Tensor):
+                producer[_key(res)] = pos
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             for a in args:
                 if isinstance(a, (list, tuple)):
@@ -150,7 +154,7 @@ class ChainProgram:
             if all(r is None for r in roles):
                 continue  # depends on the inputs only: a constant
             if not isinstance(res, torch.Tensor):
-                raise NotAChain(f"{func} returns more than one tensor")
+                raise NotAChain(f"{_name(func)} is neither an affine layer nor a pointwise activation")
             r0 = get(args[0]) if args and isinstance(args[0], torch.Tensor) else None
             if func in _TRANSPOSE and r0 is not None and r0[0] == "param" and args[0].dim() == 2 and _is_2d_transpose(func, args):
                 role[_key(res)] = ("wt", r0[1])
@@ -158,14 +162,14 @@ class ChainProgram:
                 if func is aten.addmm.default:
                     bias, a, wt = args[0], args[1], args[2]
                     if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
-                        raise NotAChain("addmm with scaling")
+                        raise NotAChain("addmm with scaling factors")
                 else:
                     bias, (a, wt) = None, args[:2]
                 rw, ra, rb = get(wt), get(a), get(bias) if bias is not None else None
                 current(ra, "a layer")
                 if ra is None and layers:
                     raise NotAChain("a later layer reads the inputs directly")
-                layer = _Layer(None, None, op_at=pos)
+                layer = _Layer(None, None, op_at=pos, in_at=producer.get(_key(a), -1) if ra is not None else -1)
                 if rw is None:
                     layer.w_value = wt.t()
                 elif rw[0] == "wt":
@@ -201,9 +205,9 @@ class ChainProgram:
                     raise NotAChain("a bias that depends on the weights")
                 role[_key(res)] = ("z", r0[1])
             elif (func in _POINTWISE or (func in _SCALAR_OPS and _scalar_args(args, kwargs))) and r0 is not None:
-                current(r0, f"{func}")
+                current(r0, _name(func))
                 if r0[0] not in ("z", "a") or res.shape != args[0].shape:
-                    raise NotAChain(f"{func} is not pointwise here")
+                    raise NotAChain(f"{_name(func)} is not pointwise here")
                 layers[-1].acts += ((func, tuple(args[1:]), dict(kwargs)),)
                 role[_key(res)] = ("a", r0[1])
             elif func in _SAME and r0 is not None and res.shape == args[0].shape and r0[0] in ("z", "a"):
@@ -211,7 +215,7 @@ class ChainProgram:
             elif func in _SAME and r0 is not None and r0[0] in ("z", "a") and res.shape[0] == n:
                 role[_key(res)] = ("out", r0[1], tuple(res.shape[1:]))
             else:
-                raise NotAChain(f"{func} on values that depend on the weights")
+                raise NotAChain(f"{_name(func)} is neither an affine layer nor a pointwise activation")
 
         if not layers:
             raise NotAChain("no affine layer")
@@ -225,10 +229,21 @@ class ChainProgram:
         if a0.dim() != 2 or a0.shape[0] != n:
             raise NotAChain("the first layer's input is not a matrix (N, features)")
         signature = tuple(str(op[0]) for op in ops)
-        acts = sorted({str(f).split(".")[1] for layer in layers for f, _, _ in layer.acts})
+        acts = sorted({_name(f) for layer in layers for f, _, _ in layer.acts})
         widths = [a0.shape[1]] + [ops[la.op_at][3].shape[1] for la in layers]
         desc = "affine chain " + "-".join(str(w) for w in widths) + (f" ({', '.join(acts)})" if acts else "")
         return ChainProgram(layers, signature, tuple(out.shape[1:]), desc)
+
+
+def _weight_operand(op) -> torch.Tensor:
+    func, args = op[0], op[1]
+    return args[2] if func is aten.addmm.default else args[1]
+
+
+def _name(func) -> str:
+    """``aten.native_layer_norm.default`` → ``native_layer_norm``."""
+    parts = str(func).split(".")
+    return parts[1] if len(parts) > 2 else str(func)
 
 
 def _layer_input(op) -> torch.Tensor:
@@ -265,6 +280,12 @@ class ChainLinearization:
         for la in program.layers:
             res = ops[la.op_at][3]
             self.A.append(_layer_input(ops[la.op_at]))
+            # the same ops in the same order, but also the same data flow: each layer reads the
+            # previous one's result, and multiplies by the same weight
+            if la.in_at >= 0 and _key(self.A[-1]) != _key(ops[la.in_at][3]):
+                raise NotAChain("a layer read another input on this piece")
+            if la.w is not None and _weight_operand(ops[la.op_at]).untyped_storage().data_ptr() != params[la.w].untyped_storage().data_ptr():
+                raise NotAChain("a layer used another weight on this piece")
             self.W.append(params[la.w] if la.w is not None else la.w_value)
             if ops[la.op_at][0] is aten.mm.default and (la.b is not None or la.b_value is not None):
                 res = res + (params[la.b] if la.b is not None else la.b_value)  # the separate bias add

@@ -124,7 +124,7 @@ class Objective:
         engine: str = "auto",
     ):
         if engine not in ENGINES:
-            raise UsageError(f"--engine '{engine}': choose {' or '.join(ENGINES)}")
+            raise UsageError(f"--engine '{engine}': choose auto, autograd or chain")
         self.engine = engine
         self.chain: ChainProgram | None = None
         if batch_size is not None and batch_size < 1:

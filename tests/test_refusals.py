@@ -645,6 +645,15 @@ def _unknown_loss(d):
     )
 
 
+def _unknown_engine(d):
+    return Setup(_compute_on([DIABETES_PT2], DIABETES, "--engine", "fast"), ["--engine 'fast'", "auto, autograd or chain"])
+
+
+def _engine_chain_not_a_chain(d):
+    return Setup(_compute_on([DIABETES_PT2], DIABETES, "--engine", "chain"),
+                 ["--engine chain", "not an affine chain", "native_layer_norm"])
+
+
 def _unknown_reduction(d):
     return Setup(
         _compute_on(arch_model(d, "Tiny"), tiny_data(d), "--reduction", "median"), ["unknown --reduction 'median'"]
@@ -803,6 +812,8 @@ CASES = [
     Case("params_select_nothing", _params_nothing, code=2),
     Case("unknown_loss", _unknown_loss, code=2),
     Case("unknown_reduction", _unknown_reduction, code=2),
+    Case("unknown_engine", _unknown_engine, code=2),
+    Case("engine_chain_not_a_chain", _engine_chain_not_a_chain),
     Case("output_missing_directory", _output_missing_dir, existing=False),
     Case("output_is_directory", _output_is_dir, existing=False),
     Case("output_directory_not_writable", _output_fault(["not writable"]), patch=deny_write_access),
