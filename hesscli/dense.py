@@ -23,7 +23,9 @@ the fastest k is kept. Every tuning chunk is a real part of H; nothing is comput
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -290,6 +292,9 @@ def dense_hessian(
             f"largest between parameters {where}; some op in the model has a wrong second derivative in torch"
         )
     t_eig = 0.0
+    # under torchrun every rank holds the same H now: rank 0 alone decomposes it, with the cores of
+    # all the local ranks, and sends the eigenvalues (only rank 0 writes, so only it keeps vectors)
+    group = column_comm if column_comm is not None else obj.comm
     for b in plan.blocks:
         H = mats.pop(b.name)
         H.mul_(obj.scale)
@@ -300,15 +305,17 @@ def dense_hessian(
         if not torch.isfinite(H).all():
             raise HesscliError(f"the Hessian block '{b.name}' contains NaN or Inf")
         t1 = time.perf_counter()
-        if eigenvectors:
-            w, V = torch.linalg.eigh(H.to(torch.float64))
-            vecs = V.cpu().numpy()
+        if group is None:
+            w, vecs = _eig(H, eigenvectors)
         else:
-            # eigenvalues in H's own dtype: a float32 matrix already carries its entries' rounding,
-            # and LAPACK's backward-stable eigvalsh adds about eps·‖H‖₂ more (7.6e-7·‖H‖₂ on the
-            # digits MLP, against SPEC.md's 1e-5), for 0.7× the time and no float64 copy
-            w = torch.linalg.eigvalsh(H)
+            w = torch.zeros(b.size, dtype=torch.float64)
             vecs = None
+            with group.stage():
+                if group.rank == 0:
+                    with _local_cores(H.device):
+                        w0, vecs = _eig(H, eigenvectors)
+                    w.copy_(w0.to(torch.float64).cpu())
+            group.all_reduce(w)  # zeros from the other ranks: rank 0's eigenvalues, bit for bit
         t_eig += time.perf_counter() - t1
         trace = float(torch.diagonal(H).to(torch.float64).sum().item())
         out_blocks.append(DenseBlock(b.name, b.start, b.stop, H.cpu(), w.to(torch.float64).cpu().numpy(), vecs, trace))
@@ -327,6 +334,38 @@ def dense_hessian(
         approximation="block-diagonal" if plan.mode == "block" else None,
         eig_seconds=t_eig,
     )
+
+
+def _eig(H: torch.Tensor, eigenvectors: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Ascending eigenvalues of the symmetric H, and its eigenvectors (float64) when asked."""
+    if eigenvectors:
+        w, V = torch.linalg.eigh(H.to(torch.float64))
+        return w, V.cpu().numpy()
+    # eigenvalues in H's own dtype: a float32 matrix already carries its entries' rounding, and
+    # LAPACK's backward-stable eigvalsh adds about eps·‖H‖₂ more (7.6e-7·‖H‖₂ on the digits MLP,
+    # against SPEC.md's 1e-5), for 0.7× the time and no float64 copy
+    return torch.linalg.eigvalsh(H), None
+
+
+@contextlib.contextmanager
+def _local_cores(device: torch.device):
+    """On the CPU, the threads of every rank on this machine for one rank (torchrun gives each
+    rank ``OMP_NUM_THREADS=1``; the others wait in a collective meanwhile)."""
+    n = torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    want = max(n, min(cores, n * local))
+    if device.type != "cpu" or want == n:
+        yield
+        return
+    torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _my_rows(tasks, obj: Objective, k: int, rank: int, world: int) -> int:
