@@ -204,11 +204,12 @@ class ChainProgram:
                 else:
                     raise NotAChain("a bias that depends on the weights")
                 role[_key(res)] = ("z", r0[1])
-            elif (func in _POINTWISE or (func in _SCALAR_OPS and _scalar_args(args, kwargs))) and r0 is not None:
+            elif ((base := _out_of_place(func)) in _POINTWISE or (base in _SCALAR_OPS and _scalar_args(args, kwargs))) \
+                    and r0 is not None:
                 current(r0, _name(func))
                 if r0[0] not in ("z", "a") or res.shape != args[0].shape:
                     raise NotAChain(f"{_name(func)} is not pointwise here")
-                layers[-1].acts += ((func, tuple(args[1:]), dict(kwargs)),)
+                layers[-1].acts += ((base, tuple(args[1:]), dict(kwargs)),)
                 role[_key(res)] = ("a", r0[1])
             elif func in _SAME and r0 is not None and res.shape == args[0].shape and r0[0] in ("z", "a"):
                 role[_key(res)] = r0
@@ -233,6 +234,18 @@ class ChainProgram:
         widths = [a0.shape[1]] + [ops[la.op_at][3].shape[1] for la in layers]
         desc = "affine chain " + "-".join(str(w) for w in widths) + (f" ({', '.join(acts)})" if acts else "")
         return ChainProgram(layers, signature, tuple(out.shape[1:]), desc)
+
+
+def _out_of_place(func):
+    """``aten.relu_.default`` → ``aten.relu.default`` (in-place activations, e.g.
+    ``nn.ReLU(inplace=True)``); any other op as it is."""
+    packet = getattr(func, "_schema", None) and func._schema.name.split("::")[-1]
+    if not packet or not packet.endswith("_") or packet.startswith("_"):
+        return func
+    try:
+        return getattr(getattr(aten, packet[:-1]), func._overloadname)
+    except AttributeError:
+        return func
 
 
 def _weight_operand(op) -> torch.Tensor:
@@ -278,7 +291,6 @@ class ChainLinearization:
         self.A: list[torch.Tensor] = []  # input of each layer
         Z: list[torch.Tensor] = []
         for la in program.layers:
-            res = ops[la.op_at][3]
             self.A.append(_layer_input(ops[la.op_at]))
             # the same ops in the same order, but also the same data flow: each layer reads the
             # previous one's result, and multiplies by the same weight
@@ -287,9 +299,9 @@ class ChainLinearization:
             if la.w is not None and _weight_operand(ops[la.op_at]).untyped_storage().data_ptr() != params[la.w].untyped_storage().data_ptr():
                 raise NotAChain("a layer used another weight on this piece")
             self.W.append(params[la.w] if la.w is not None else la.w_value)
-            if ops[la.op_at][0] is aten.mm.default and (la.b is not None or la.b_value is not None):
-                res = res + (params[la.b] if la.b is not None else la.b_value)  # the separate bias add
-            Z.append(res)
+            # z = a Wᵀ + b anew: the recorded one may have been overwritten by an in-place activation
+            b = params[la.b] if la.b is not None else la.b_value
+            Z.append(torch.addmm(b, self.A[-1], self.W[-1].t()) if b is not None else self.A[-1] @ self.W[-1].t())
         self.n = out.shape[0]
         zt = Z[-1].detach().requires_grad_(True)
         with torch.enable_grad():

@@ -82,6 +82,7 @@ def save_shard(path, inputs: torch.Tensor, targets: torch.Tensor) -> None:
 _ACTS = {
     "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "gelu": torch.nn.functional.gelu,
     "softplus": torch.nn.functional.softplus, "silu": torch.nn.functional.silu, "none": lambda h: h,
+    "relu_": torch.relu_, "leaky_relu": lambda h: torch.nn.functional.leaky_relu(h, 0.1, inplace=True),
 }
 
 

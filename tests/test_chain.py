@@ -70,7 +70,7 @@ def _case(name: str):
     raise KeyError(name)
 
 
-CHAIN_CASES = ["ce_tanh", "ce_relu", "ce_gelu", "ce_silu", "nobias", "hand", "mse_squeeze", "mse_linear_stack", "bce", "nll"]
+CHAIN_CASES = ["ce_tanh", "ce_relu", "ce_gelu", "ce_silu", "ce_relu_", "ce_leaky_relu", "nobias", "hand", "mse_squeeze", "mse_linear_stack", "bce", "nll"]
 
 
 def _files(tmp_path, name: str, seed: int = 0):
