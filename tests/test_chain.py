@@ -196,3 +196,30 @@ def test_layers_after_constant_ones_are_a_chain(tmp_path):
     ref = reference(arch, SAMPLES / sd, [SAMPLES / data], loss,
                     params_regex="^fc")
     assert_close_matrix(H, ref.hessian, 1e-10, ref)
+
+
+def test_a_piece_that_runs_another_forward_is_refused():
+    """Each piece's recording must repeat the first one: the same ops, the same data flow and the
+    same weights, else that piece is not a chain product (the objective then uses autograd)."""
+    from torch.func import functional_call
+
+    from hesscli.chain import ChainLinearization, ChainProgram, NotAChain, record_chain
+    from hesscli.losses import Loss
+
+    x, y = _digits(50)
+    model = randomize_(ChainMLP(widths=[64, 5, 10], act="tanh"))
+    names = [n for n, _ in model.named_parameters()]
+    theta = [p.detach().clone() for p in model.parameters()]
+    run = lambda ts, m=model: functional_call(m, dict(zip(names, ts)), (x,))  # noqa: E731
+    out, ops = record_chain(lambda: run(theta))
+    program = ChainProgram.parse(ops, theta, x, out)
+    loss = Loss("cross_entropy")
+    ChainLinearization(program, ops, theta, out, y, loss)  # the same recording: accepted
+    other = [t.clone() for t in theta]
+    out2, ops2 = record_chain(lambda: run(other))
+    with pytest.raises(NotAChain, match="another weight"):
+        ChainLinearization(program, ops2, theta, out2, y, loss)
+    relu = randomize_(ChainMLP(widths=[64, 5, 10], act="relu"))
+    out3, ops3 = record_chain(lambda: run(theta, relu))
+    with pytest.raises(NotAChain, match="different ops"):
+        ChainLinearization(program, ops3, theta, out3, y, loss)
