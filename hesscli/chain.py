@@ -114,7 +114,6 @@ class ChainProgram:
 
     layers: list[_Layer]
     signature: tuple  # the recorded op sequence, to check later recordings against
-    out_shape_tail: tuple  # the output's shape after the batch dimension
     description: str
 
     @staticmethod
@@ -233,7 +232,7 @@ class ChainProgram:
         acts = sorted({_name(f) for layer in layers for f, _, _ in layer.acts})
         widths = [a0.shape[1]] + [ops[la.op_at][3].shape[1] for la in layers]
         desc = "affine chain " + "-".join(str(w) for w in widths) + (f" ({', '.join(acts)})" if acts else "")
-        return ChainProgram(layers, signature, tuple(out.shape[1:]), desc)
+        return ChainProgram(layers, signature, desc)
 
 
 def _out_of_place(func):

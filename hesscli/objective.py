@@ -12,6 +12,10 @@ its graph (:class:`Linearization`), and H·v = ∂(gᵀv)/∂θ is one more back
 through one batched backward (``vmap`` over the grad outputs, ``is_grads_batched``). Every forward
 pass runs under :func:`hesscli.safeops.second_order_safe`, so ``layer_norm`` and
 ``instance_norm`` are differentiated through primitive ops that torch gets right.
+
+When the model is an affine chain (an MLP; :mod:`hesscli.chain`) and ``engine`` allows it, a piece's
+linearisation is instead the chain's primal quantities, whose products are the same H·v in closed
+form, checked against autograd's on the first samples before they are used.
 """
 
 from __future__ import annotations
