@@ -44,6 +44,8 @@ class ModelSpec:
     dtype: str | None = None
     seed: int = 0
     engine: str = "auto"
+    output_key: str | None = None
+    trainable_only: bool = False
 
 
 @dataclass
@@ -77,9 +79,6 @@ def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
         ds = full.split(comm.rank, comm.world) if comm is not None and split == "data" else full
         first = ds.first(4)
         example = full.first(8) if first is None else None  # this rank has no data
-        if lm.module is None:
-            x = (first if first is not None else example)[0]
-            lm.materialize(x.to(torch.float32) if x.is_floating_point() else x)
     torch.manual_seed(spec.seed)
     obj = Objective(
         lm.module,
@@ -92,6 +91,9 @@ def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
         dtype=spec.dtype,
         comm=comm if split == "data" else None,
         engine=spec.engine,
+        output_key=spec.output_key,
+        trainable_only=spec.trainable_only,
+        static_batch=lm.static_batch,
         **({"example": example} if example is not None else {}),
     )
     obj.info.notes[:0] = lm.notes
@@ -151,7 +153,11 @@ def base_meta(command: str, session: Session, **extra) -> dict:
         "engine": "chain" if obj.chain is not None else "autograd",
         "world_size": 1 if session.comm is None else session.comm.world,
         "notes": list(obj.info.notes),
+        "warnings": list(obj.info.warnings),
         "unused_params": list(obj.info.unused),
+        "tied": list(obj.tied),
+        "frozen": list(obj.frozen),
+        "derivative_check": dict(obj.derivative_check),
     }
     if session.comm is not None:
         meta["rank_samples"] = session.comm.rank_samples
@@ -261,6 +267,7 @@ def compute(
         write_result(out, arrays, meta, force)
     summary["seconds"] = time.perf_counter() - t0
     summary["notes"] = meta["notes"]
+    summary["warnings"] = meta["warnings"]
     return summary
 
 

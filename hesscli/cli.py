@@ -74,6 +74,10 @@ MODEL_OPTIONS = [
     _opt("device", str, "auto", "--device", help="auto, cpu, cuda or cuda:N."),
     _opt("dtype", Optional[str], None, "--dtype", help="float32 or float64 (default: the parameters', at least float32)."),
     _opt("seed", int, 0, "--seed", help="Seed for random vectors."),
+    _opt("output_key", Optional[str], None, "--output-key",
+         help="Entry of a structured output (dict, tuple, ModelOutput) that is the prediction (default: 'logits', else the only tensor)."),
+    _opt("trainable_only", bool, False, "--trainable-only",
+         help="Only the parameters saved with requires_grad=True (default: all; frozen ones get a note)."),
     _opt("engine", str, "auto", "--engine",
          help="Hessian-vector products: auto (closed form for MLPs, checked against autograd; autograd otherwise), autograd, or chain (closed form or refuse)."),
 ]
@@ -220,7 +224,7 @@ def compute(
             con.print(f"[yellow]warning:[/yellow] {warning}")
         con.print(f"wrote {summary['out']}")
 
-    summary["warnings"] = health_warnings(summary)
+    summary["warnings"] = list(summary.get("warnings") or []) + health_warnings(summary)
     emit(summary, common, render)
     return 0
 
@@ -424,10 +428,32 @@ def _restore_signal_handlers(previous: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns SPEC.md's exit code."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torch.jit.*")
+    """Run the CLI; returns SPEC.md's exit code.
+
+    Warnings raised by torch or other libraries during the command are collected, not printed as
+    they come: without ``--quiet`` each distinct one is shown once at the end, after the summary;
+    with ``--quiet`` none (SPEC.md: stderr is empty on success). TorchScript's deprecation warnings
+    are dropped. The caller's warning filters are restored on return."""
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.*")
+        warnings.filterwarnings("ignore", message=".*TorchScript.*")
+        code = _main(args)
+    if caught and not ({"--quiet", "-q"} & set(args)):
+        seen = set()
+        for w in caught:
+            text = clean_message(str(w.message).strip().splitlines()[0] if str(w.message).strip() else "")
+            if text and text not in seen:
+                seen.add(text)
+                origin = "torch" if "torch" in (w.filename or "") else w.category.__name__
+                sys.stderr.write(f"warning ({origin}): {text}\n")
+    return code
+
+
+def _main(args: list[str]) -> int:
     from . import results
     from .memory import keep_freed_memory
 

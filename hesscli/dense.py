@@ -1,11 +1,10 @@
 """The dense Hessian, full or block-diagonal, from batched Hessian-vector products.
 
-Rows of H are reverse-over-reverse products (Pearlmutter 1994): for parameter tensor j, the
-gradient g_j(θ) = ∇_{θ_j} L is linearised once per piece with ``torch.func.vjp``, and a chunk of k
-unit vectors e_r goes through one ``vmap``-ed pullback, giving the rows H[r, :] = ∂(g_j·e_r)/∂θ.
-(``torch.func``'s batching rules beat autograd's ``is_grads_batched``, which loops over the batch
-for several backward ops and copies its operands: 0–25% per product on the samples; see
-:func:`_use_functional` for when the cached autograd :class:`Linearization` is used instead.)
+Rows of H are reverse-over-reverse products (Pearlmutter 1994) from the objective's one product
+route: per piece, the gradient g(θ) with its graph (:class:`~hesscli.objective.Linearization`, the
+model's own parameters as leaves), and a chunk of k unit vectors e_r goes through one batched
+backward (``is_grads_batched``), giving the rows H[r, :] = ∂(g_j·e_r)/∂θ; or the closed-form
+products of an affine chain (:mod:`hesscli.chain`).
 
 The Hessian's symmetry is used at the level of parameter tensors: for tensor j, only the blocks
 H[j, i] with i ≤ j are computed, with differentiation restricted to those tensors (autograd prunes
@@ -26,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -37,7 +35,6 @@ from .errors import HesscliError, MemoryBudgetError, UsageError
 from .memory import default_budget, fmt_bytes
 from .objective import Objective, ParamBlock
 from .progress import NullProgress, Progress
-from .safeops import second_order_safe
 
 __all__ = ["DenseBlock", "DenseResult", "DensePlan", "plan_dense", "dense_hessian", "asymmetry_tolerance"]
 
@@ -205,11 +202,8 @@ def dense_hessian(
     # ranks share the chunks by number (column split): they must all cut the same chunks, so no tuning
     tuner = _ChunkTuner(plan.chunk_size, plan.tune and world == 1, obj.device)
     progress.start(_my_rows(tasks, obj, plan.chunk_size, rank, world) * obj.n_pieces(), "Hessian")
-    functional = _use_functional(obj)
     upper = obj.chain is not None
-    for piece in obj.data.pieces(obj.batch_size) if functional else obj.linearizations():
-        if functional:
-            x, y = obj._move(*piece)
+    for piece in obj.linearizations():
         chunk_no = -1
         for b, pos in tasks:
             H = mats[b.name]
@@ -231,7 +225,7 @@ def dense_hessian(
                     s = e
                     continue
                 if pullback is None:
-                    pullback = _row_pullback(obj, x, y, j, wrt) if functional else _linearization_rows(piece, j, wrt)
+                    pullback = _linearization_rows(piece, j, wrt)
                 tuner.tic()
                 basis = torch.zeros(e - s, n_j, dtype=obj.dtype, device=obj.device)
                 basis[torch.arange(e - s), torch.arange(s, e)] = 1
@@ -382,32 +376,9 @@ def _my_rows(tasks, obj: Objective, k: int, rank: int, world: int) -> int:
     return rows
 
 
-def _row_pullback(obj: Objective, x: torch.Tensor, y: torch.Tensor, j: int, wrt: list[int]):
-    """v ↦ ∂(g_j·v)/∂θ_wrt on one piece (unscaled: the piece's sum of loss terms), where
-    g_j = ∇_{θ_j} L: the pullback of ``torch.func.vjp`` of the gradient, θ_wrt ∋ θ_j varying and
-    the other tensors held fixed. Returns one tensor per ``wrt``."""
-    theta = obj.theta
-    at = wrt.index(j)
-
-    def total(*tw):
-        ts = list(theta)
-        for i, t in zip(wrt, tw, strict=True):
-            ts[i] = t
-        return obj.piece_total(ts, x, y)
-
-    with second_order_safe():
-        _, pullback = torch.func.vjp(torch.func.grad(total, argnums=at), *[theta[i] for i in wrt])
-
-    def rows(basis: torch.Tensor) -> list[torch.Tensor]:
-        if basis.shape[0] == 1:
-            return [r.unsqueeze(0) for r in pullback(basis[0])]
-        return list(torch.func.vmap(pullback)(basis))
-
-    return rows
-
-
 def _linearization_rows(lin, j: int, wrt: list[int]):
-    """The same rows from a cached :class:`Linearization` (autograd, ``is_grads_batched``)."""
+    """v ↦ ∂(g_j·v)/∂θ_wrt on one piece (unscaled), for a chunk of basis vectors: rows of H, from
+    the piece's :class:`Linearization` (autograd, ``is_grads_batched``) or its closed-form chain."""
 
     def rows(basis: torch.Tensor) -> list[torch.Tensor]:
         if basis.shape[0] == 1:
@@ -415,18 +386,6 @@ def _linearization_rows(lin, j: int, wrt: list[int]):
         return lin.apply([basis], [j], wrt, batched=True)
 
     return rows
-
-
-FUNCTIONAL_MIN_P = 20_000
-
-
-def _use_functional(obj: Objective) -> bool:
-    """torch.func's products are 0–25% cheaper (module docstring), but its first call imports
-    ``torch._dynamo`` (about 1 s of CPU). Use them when that is already loaded (loading a
-    TorchScript or torch.export model does it) or when the products outweigh it (large P)."""
-    if obj.chain is not None:  # closed-form chain products beat both
-        return False
-    return "torch._dynamo" in sys.modules or obj.P >= FUNCTIONAL_MIN_P
 
 
 class _ChunkTuner:

@@ -1,10 +1,12 @@
-"""Model files: detect the format by content and load a module that ``torch.func`` can use.
+"""Model files: detect the format by content and load the module the file holds.
 
 Four kinds (SPEC.md, Model files): a TorchScript archive, a torch.export archive, safetensors
 weights plus an architecture, or a ``torch.save`` state_dict (``weights_only=True``) plus an
-architecture. ``functional_call`` refuses TorchScript modules, so a TorchScript archive is converted
-to an ``ExportedProgram`` (``TS2EPConverter``), whose ``.module()`` behaves like the eager model and
-whose ATen calls :mod:`hesscli.safeops` can intercept.
+architecture. Every kind is loaded as what it is — a ScriptModule, an exported program's module,
+an eager module — and differentiated through its own parameter tensors (NOTES.md): no conversion,
+no parameter substitution, so tied weights and the weight lists of scripted RNNs are seen as they
+are. Loading fixes what files commonly get wrong: ``module.``/``_orig_mod.`` key prefixes, tied
+tensors stored once, a tie that ``ExportedProgram.module()`` splits into two Parameter objects.
 
 Trust: safetensors and state_dicts never run code; ``--arch`` names code the user chose; the
 ``hesscli.arch`` metadata of a safetensors file is honoured only with ``--trust-code``.
@@ -13,6 +15,7 @@ TorchScript and torch.export archives are programs, loaded as PyTorch loads them
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import importlib
@@ -20,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import struct
 import sys
 import warnings
@@ -272,9 +276,20 @@ def parse_arch_kwargs(text: str | None) -> dict:
     return val
 
 
-def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists missing, extra and misshaped keys."""
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """``load_state_dict(strict=True)`` with an error that lists missing, extra and misshaped keys.
+
+    A key missing from ``state`` whose parameter is tied in ``model`` to one that is present is
+    filled from it (``safetensors.torch.save_model`` stores a tied tensor once). Returns notes."""
     expected = model.state_dict()
+    notes = []
+    aliases = _tied_aliases(model)
+    filled = [k for k in expected if k not in state and aliases.get(k) in state]
+    if filled:
+        state = dict(state)
+        for k in filled:
+            state[k] = state[aliases[k]]
+        notes.append("tied weights stored once: " + ", ".join(f"{k} = {aliases[k]}" for k in filled))
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     bad = [
@@ -290,9 +305,32 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
     if bad:
         problems.append("wrong shapes: " + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
     if problems:
-        raise HesscliError(f"weights in '{source}' do not fit the architecture: " + "; ".join(problems))
+        pre = _common_prefix(state)
+        hint = f" (every key in the file starts with '{pre}'; without it they still do not fit)" if pre else ""
+        raise HesscliError(f"weights in '{source}' do not fit the architecture: " + "; ".join(problems) + hint)
     with torch.no_grad():
         model.load_state_dict({k: state[k] for k in expected}, strict=True)
+    return notes
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Each parameter name that is an alias of an earlier one (the same tensor), to that one."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+def _common_prefix(state: dict) -> str | None:
+    keys = list(state)
+    if not keys or "." not in keys[0]:
+        return None
+    pre = keys[0].split(".")[0] + "."
+    return pre if all(k.startswith(pre) for k in keys) and pre in ("module.", "_orig_mod.", "model.") else None
 
 
 def _tensor_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
@@ -306,16 +344,23 @@ def _tensor_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
     raise HesscliError(f"'{source}' does not hold a state_dict (a dict of tensors)")
 
 
+# globals a weights-only load may build besides tensors: a Lightning ``.ckpt`` keeps its
+# hyper-parameters in an argparse.Namespace; nothing here runs code when it is rebuilt
+_HARMLESS_GLOBALS = (argparse.Namespace,)
+
+
 def torch_load_safe(path: Path, what: str) -> Any:
     """``torch.load(weights_only=True)`` with errors named after the file (never runs code)."""
     try:
-        with quiet_torch():
+        with quiet_torch(), torch.serialization.safe_globals(list(_HARMLESS_GLOBALS)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         msg = str(e)
         if "Weights only load failed" in msg or "weights_only" in msg:
+            m = re.search(r"GLOBAL ([\w.]+)", msg)
+            which = f" (the global {m.group(1)})" if m else ""
             raise HesscliError(
-                f"{what} file '{path}' holds objects that only a full unpickle could load; "
+                f"{what} file '{path}' holds objects that only a full unpickle could load{which}; "
                 "hesscli loads with weights_only=True and refuses it (it could run code)"
             ) from None
         raise HesscliError(f"cannot read {what} file '{path}': {reason(e)}") from None
@@ -391,127 +436,89 @@ def safetensors_header_problem(path: Path) -> str | None:
 
 @dataclass
 class LoadedModel:
-    """A model ready for ``functional_call``, with where it came from."""
+    """A loaded model (eval mode, CPU) with where it came from.
+
+    ``module`` is what the file holds — an eager ``nn.Module``, a TorchScript ``ScriptModule`` or
+    the module of a torch.export program — and its own parameter tensors are what hesscli
+    differentiates (:class:`hesscli.objective.Objective`); nothing is converted or substituted.
+    ``static_batch`` is the batch size a torch.export archive was exported for when it accepts
+    that size only (None: any)."""
 
     path: str
     format: str
     sha256: str
-    module: nn.Module | None = None  # usable with functional_call (after :meth:`materialize`)
-    script: Any = None  # the TorchScript module, before conversion
+    module: nn.Module | None = None
     arch: str | None = None
     notes: list[str] = field(default_factory=list)
+    static_batch: int | None = None
 
     def named_parameters(self):
-        src = self.module if self.module is not None else self.script
-        return list(src.named_parameters())
-
-    def materialize(self, example_inputs: Any) -> nn.Module:
-        """Make a TorchScript module usable with ``functional_call``; a no-op for the other formats.
-
-        A graph without ops that need a second-order-safe rewrite (:mod:`hesscli.safeops`) runs
-        as it is, its parameters swapped in per call (:class:`ScriptAdapter`); one with them is
-        converted to an ExportedProgram (``TS2EPConverter``, which costs the import of
-        ``torch._dynamo``: seconds), whose ATen calls the rewrite intercepts.
-        """
-        if self.module is not None:
-            return self.module
-        if not _needs_rewrite(self.script):
-            self.module = ScriptAdapter(self.script)
-            return self.module
-        from torch._export.converter import TS2EPConverter
-
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        try:
-            with quiet_torch() as log:
-                ep = TS2EPConverter(self.script, args).convert()
-                module = ep.module()
-        except Exception as e:
-            e = log.first_exception() or e
-            raise HesscliError(
-                f"TorchScript model '{self.path}' could not be converted for torch.func "
-                f"({reason(e)}); save it with torch.export, or as safetensors with --arch"
-            ) from None
-        _buffers_to_parameters(module, [n for n, _ in self.script.named_parameters()])
-        self.module = module
-        self.notes.append("TorchScript converted to an ExportedProgram for torch.func")
-        return module
+        return list(self.module.named_parameters())
 
 
-_REWRITTEN_OPS = ("layer_norm", "instance_norm", "scaled_dot_product_attention")
+def _static_batch(ep) -> int | None:
+    """The fixed size of the first dimension of an exported program's first user input, or None
+    when it is dynamic (or there is no tensor input)."""
+    user = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", None)
+            if shape is not None and len(shape) and isinstance(shape[0], int):
+                return int(shape[0])
+            return None
+    return None
 
 
-def _needs_rewrite(script) -> bool:
-    """Whether a TorchScript graph calls an op whose second derivative torch gets wrong."""
-    try:
-        text = str(script.inlined_graph)
-    except Exception:  # noqa: BLE001 - no graph to read: convert, the safe route
-        return True
-    # as ATen ops (aten::layer_norm) or as calls of builtin functions (prim::Constant[name="layer_norm"])
-    return any(op in text for op in _REWRITTEN_OPS)
-
-
-class ScriptAdapter(nn.Module):
-    """A TorchScript module whose parameters ``functional_call`` can substitute.
-
-    ``functional_call`` refuses ScriptModules, so the adapter holds a parameter of its own per
-    parameter of the archive (same names, same order) and, per call, sets them into the script
-    module (``_c.setattr``) and restores the originals afterwards. TorchScript's graph-executor
-    optimisation is switched off for this: with it on, the profiling executor specialises the graph
-    after warm-up and later products go silently wrong (NOTES.md); products are pinned by tests
-    that repeat them.
-    """
-
-    def __init__(self, script):
-        super().__init__()
-        torch._C._set_graph_executor_optimize(False)
-        object.__setattr__(self, "_script", script)
-        self._names = [n for n, _ in script.named_parameters()]
-        sp = dict(script.named_parameters())
-        self._slots = []
-        for n in self._names:
-            path, _, attr = n.rpartition(".")
-            mine, theirs = self, script
-            for part in path.split(".") if path else []:
-                if part not in mine._modules:
-                    mine.add_module(part, nn.Module())
-                mine, theirs = mine._modules[part], getattr(theirs, part)
-            mine.register_parameter(attr, nn.Parameter(sp[n].detach().clone()))
-            self._slots.append((mine, theirs, attr))
-        self._hesscli_param_order = list(self._names)
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        self._script._apply(fn)
-        return self
-
-    def forward(self, *args):
-        saved = []
-        try:
-            for mine, theirs, attr in self._slots:
-                saved.append((theirs, attr, theirs._c.getattr(attr)))
-                theirs._c.setattr(attr, getattr(mine, attr))
-            return self._script(*args)
-        finally:
-            for theirs, attr, t in reversed(saved):
-                theirs._c.setattr(attr, t)
-
-
-def _buffers_to_parameters(module: nn.Module, names: list[str]) -> None:
-    """TS2EPConverter lifts a TorchScript module's weights as buffers: make them parameters again,
-    in the TorchScript module's order."""
-    have = dict(module.named_parameters())
-    moved = {}
-    for name in names:
-        if name in have:
+def _retie(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Make parameters that share one storage in ``state`` one Parameter object in ``module``
+    (``ExportedProgram.module()`` gives a tied weight two Parameter objects over one storage, so
+    autograd would see two leaves). Returns the aliases re-tied."""
+    first: dict[tuple, str] = {}
+    tied = []
+    params = dict(module.named_parameters(remove_duplicate=False))
+    for name, t in state.items():
+        if name not in params:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key not in first:
+            first[key] = name
             continue
         owner_path, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_path) if owner_path else module
-        if attr not in owner._buffers:
-            raise HesscliError(f"TorchScript conversion lost parameter '{name}'")
-        t = owner._buffers.pop(attr)
-        owner.register_parameter(attr, nn.Parameter(t.detach().clone(), requires_grad=True))
-        moved[name] = True
-    module._hesscli_param_order = list(names)  # named_parameters() order of the archive
+        owner._parameters[attr] = params[first[key]]
+        tied.append(name)
+    return tied
+
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_prefixes(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Keys saved from ``nn.DataParallel``/DDP (``module.``) or ``torch.compile`` (``_orig_mod.``),
+    without the prefix when every key carries it and the model expects none of them."""
+    expected = set(model.state_dict())
+    stripped, found = dict(state), None
+    changed = True
+    while changed:
+        changed = False
+        for pre in _PREFIXES:
+            if stripped and all(k.startswith(pre) for k in stripped) and not any(k.startswith(pre) for k in expected):
+                stripped = {k[len(pre):]: v for k, v in stripped.items()}
+                found = (found or "") + pre
+                changed = True
+    return stripped, found
+
+
+def _sparse_embeddings_dense(model: nn.Module) -> list[str]:
+    """``nn.Embedding(sparse=True)`` modules of an eager model, switched to dense gradients (the
+    same function; a sparse gradient cannot be differentiated again)."""
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False):
+            m.sparse = False
+            names.append(name)
+    return names
 
 
 def _arch_hint(meta_arch: str, path: Path, meta: dict) -> str:
@@ -536,7 +543,10 @@ def load_model(
     arch_kwargs: dict | None = None,
     trust_code: bool = False,
 ) -> LoadedModel:
-    """Load a model file of any supported format (:func:`detect_format`), in eval mode, on the CPU."""
+    """Load a model file of any supported format (:func:`detect_format`), in eval mode, on the CPU.
+
+    Raises :class:`HesscliError` (unreadable or mismatched file) or :class:`UsageError` (a weights
+    file without ``--arch``), naming the file."""
     p = Path(path)
     fmt = detect_format(p)
     sha = file_sha256(p)
@@ -544,11 +554,11 @@ def load_model(
     if fmt == "torchscript":
         try:
             with quiet_torch():
-                script = torch.jit.load(str(p), map_location="cpu")
+                module = torch.jit.load(str(p), map_location="cpu")
         except Exception as e:
             raise HesscliError(f"cannot load TorchScript model '{p}': {reason(e)}") from None
-        script.eval()
-        lm.script = script
+        module.eval()
+        lm.module = module
         return lm
     if fmt == "export":
         try:
@@ -558,6 +568,10 @@ def load_model(
         except Exception as e:
             cause = log.first_exception() or e
             raise HesscliError(f"cannot load torch.export model '{p}': {reason(cause)}") from None
+        tied = _retie(module, dict(ep.state_dict))
+        if tied:
+            lm.notes.append(f"tied weights restored from the archive: {', '.join(tied)}")
+        lm.static_batch = _static_batch(ep)
         lm.module = module
         return lm
     if fmt == "safetensors":
@@ -579,13 +593,18 @@ def load_model(
         else:
             base = None
         model = build_arch(arch, arch_kwargs or {}, base)
-        load_weights_into(model, state, str(p))
     else:  # state_dict
         if arch is None:
             raise UsageError(f"'{p}' is a torch.save state_dict: pass --arch path/to/file.py:NAME")
         state = _tensor_dict(torch_load_safe(p, "model"), str(p))
         model = build_arch(arch, arch_kwargs or {}, None)
-        load_weights_into(model, state, str(p))
+    state, prefix = _strip_prefixes(model, state)
+    if prefix:
+        lm.notes.append(f"every key in '{p.name}' starts with '{prefix}' (saved from DataParallel/DDP or torch.compile); loaded without it")
+    lm.notes.extend(load_weights_into(model, state, str(p)))
+    sparse = _sparse_embeddings_dense(model)
+    if sparse:
+        lm.notes.append(f"sparse embeddings computed with dense gradients (same function): {', '.join(sparse)}")
     model.eval()
     lm.module = model
     lm.arch = arch

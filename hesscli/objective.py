@@ -6,12 +6,20 @@ over the selected parameters θ (SPEC.md, Loss): each micro-batch ("piece") cont
 its loss terms and the mean divides once by the total count n = ``n_loss_terms``, so the Hessian
 does not depend on ``--batch-size``, on the split into shards, or on the number of ranks.
 
-:class:`Objective` offers Hessian-vector products H·V for one or many vectors, built as
-reverse-over-reverse products (Pearlmutter 1994): per piece, the gradient g(θ) is computed once with
-its graph (:class:`Linearization`), and H·v = ∂(gᵀv)/∂θ is one more backward pass; many vectors go
-through one batched backward (``vmap`` over the grad outputs, ``is_grads_batched``). Every forward
-pass runs under :func:`hesscli.safeops.second_order_safe`, so ``layer_norm`` and
-``instance_norm`` are differentiated through primitive ops that torch gets right.
+One product route for every model format (eager, TorchScript scripted or traced, torch.export):
+the leaves are the model's **own parameter tensors** (``requires_grad_``), the model is called as
+it is, and Hessian-vector products are reverse-over-reverse (Pearlmutter 1994) by plain autograd —
+per piece, the gradient g(θ) is computed once with its graph (:class:`Linearization`), and
+H·v = ∂(gᵀv)/∂θ is one more backward pass; many vectors go through one batched backward
+(``is_grads_batched``). Nothing is substituted into the model, so every use of a weight is seen:
+tied weights, the flat weight list of a scripted RNN, scripted control flow. Plain double backward
+is right for ``layer_norm`` and ``instance_norm`` (NOTES.md); the ops torch cannot differentiate
+twice at all are swapped by :mod:`hesscli.safeops`.
+
+At load time a **derivative self-check** compares autograd's directional derivative of the loss
+with central finite differences (Richardson-extrapolated) of the model itself, per group of
+parameter tensors; a weight that autograd does not see (read through ``.detach()``, ``.data`` or a
+copy) is refused by name instead of becoming a silent zero row.
 
 When the model is an affine chain (an MLP; :mod:`hesscli.chain`) and ``engine`` allows it, a piece's
 linearisation is instead the chain's primal quantities, whose products are the same H·v in closed
@@ -20,23 +28,27 @@ form, checked against autograd's on the first samples before they are used.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import re
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .chain import ChainLinearization, ChainProgram, NotAChain, record_chain
 from .data import Dataset
 from .devices import no_tf32, resolve_device, resolve_dtype
 from .errors import HesscliError, UsageError
+from .loading import reason
 from .losses import Loss, resolve_loss
+from .outputs import model_loss, prediction
 from .safeops import second_order_safe
 
-__all__ = ["Objective", "Linearization", "ParamBlock", "ENGINES"]
+__all__ = ["Objective", "Linearization", "ParamBlock", "ENGINES", "param_blocks"]
 
 ENGINES = ("auto", "autograd", "chain")  # products: chain when the model is one, autograd always, chain or refuse
 
@@ -63,11 +75,15 @@ class Linearization:
     """One piece's gradient g(θ) with its graph: applies v ↦ ∂(gᵀv)/∂θ for many v.
 
     Products are unscaled (the piece's sum of loss terms); :class:`Objective` scales and reduces.
+    A sparse gradient (a scripted ``Embedding(sparse=True)``) is densified first, which is
+    differentiable; where autograd's batched backward (``is_grads_batched``) cannot run an op, the
+    vectors go one at a time.
     """
 
-    def __init__(self, leaves: list[torch.Tensor], grads: list[torch.Tensor | None]):
+    def __init__(self, leaves: list[torch.Tensor], grads: list[torch.Tensor | None], shared: dict | None = None):
         self.leaves = leaves
-        self.grads = grads
+        self.shared = shared if shared is not None else {}  # the objective's: {"batched": False} once batching failed
+        self.grads = [g.to_dense() if g is not None and g.is_sparse else g for g in grads]
 
     def apply(
         self,
@@ -86,29 +102,60 @@ class Linearization:
                 outs.append(g)
                 gouts.append(v)
         inputs = [self.leaves[i] for i in wrt]
-        if outs:
-            res = torch.autograd.grad(
-                outs, inputs, gouts, retain_graph=True, allow_unused=True, is_grads_batched=batched
-            )
-        else:
-            res = [None] * len(inputs)
         k = vectors[0].shape[0] if batched else None
+        if not outs:
+            res = [None] * len(inputs)
+        elif batched and not (self.shared.get("batched", True) and self._try_batched(outs, inputs, gouts)):
+            res = self._one_by_one(outs, inputs, gouts, k)
+        elif batched:
+            res = self._last
+        else:
+            res = torch.autograd.grad(outs, inputs, gouts, retain_graph=True, allow_unused=True)
         full = []
         for r, x in zip(res, inputs):
             if r is None:
                 r = x.new_zeros(((k,) if batched else ()) + tuple(x.shape))
+            elif r.is_sparse:
+                r = r.to_dense()
             full.append(r)
         return full
+
+    def _try_batched(self, outs, inputs, gouts) -> bool:
+        try:
+            self._last = torch.autograd.grad(outs, inputs, gouts, retain_graph=True, allow_unused=True, is_grads_batched=True)
+            return True
+        except (RuntimeError, NotImplementedError):  # an op without a batching rule (e.g. sparse)
+            self.shared["batched"] = False
+            return False
+
+    def _one_by_one(self, outs, inputs, gouts, k):
+        rows = []
+        for i in range(k):
+            rows.append(torch.autograd.grad(outs, inputs, [v[i] for v in gouts], retain_graph=True, allow_unused=True))
+        return [None if rows[0][t] is None else torch.stack([r[t].to_dense() if r[t].is_sparse else r[t] for r in rows])
+                for t in range(len(inputs))]
 
 
 @dataclass
 class ObjectiveInfo:
     notes: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.device.type)
 
 
 class Objective:
-    """The training loss of a model on a data set, as a function of the selected parameters."""
+    """The training loss of a model on a data set, as a function of the selected parameters.
+
+    ``module`` is used as it is (its parameters become the leaves of the derivatives and are cast
+    and moved in place); pass ``copy=True`` to work on a deep copy and leave the caller's module as
+    it was. Raises :class:`HesscliError` for models and data that cannot give a right Hessian
+    (non-finite outputs, randomness, batch dependence, weights autograd does not see), and
+    :class:`UsageError` for bad options.
+    """
 
     def __init__(
         self,
@@ -118,6 +165,7 @@ class Objective:
         loss: str = "auto",
         reduction: str = "mean",
         params: str | None = None,
+        trainable_only: bool = False,
         batch_size: int | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -126,6 +174,9 @@ class Objective:
         cache_bytes: int | None = None,
         example: tuple[torch.Tensor, torch.Tensor] | None = None,
         engine: str = "auto",
+        output_key: str | None = None,
+        static_batch: int | None = None,
+        copy: bool = False,
     ):
         if engine not in ENGINES:
             raise UsageError(f"--engine '{engine}': choose auto, autograd or chain")
@@ -134,26 +185,40 @@ class Objective:
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
         self.data = data
+        self.info = ObjectiveInfo()
+        self.static_batch = static_batch
+        if static_batch is not None:
+            asked = "" if batch_size in (None, static_batch) else f", not --batch-size {batch_size}"
+            self.info.notes.append(
+                f"the torch.export archive accepts batches of exactly {static_batch} samples: micro-batches of "
+                f"{static_batch}{asked}, a short last one padded with copies of its last sample whose outputs are dropped"
+            )
+            batch_size = static_batch
         self.batch_size = batch_size
         self.comm = comm
+        self.output_key = output_key
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        all_params = list(module.named_parameters())
+        if copy:
+            module = _copy_module(module)
+        self.module = module
+        self.is_script = isinstance(module, torch.jit.ScriptModule)
+        everything = _unique_params(module)
         if isinstance(dtype, torch.dtype):
             self.dtype = dtype
         else:
-            self.dtype = resolve_dtype(dtype, [p.dtype for _, p in all_params])
+            self.dtype = resolve_dtype(dtype, [p.dtype for _, p in everything])
         no_tf32()
-        module = module.to(device=self.device)
-        self.module = _cast_floating(module, self.dtype)
-        self.info = ObjectiveInfo()
+        self.tied = _tied(module)
+        frozen = [n for n, p in everything if not p.requires_grad]
+        _cast_in_place(module, self.device, self.dtype)
         self.hvps = 0
         self.reduction = reduction
 
-        named = list(self.module.named_parameters())
-        order = getattr(self.module, "_hesscli_param_order", None)
-        if order:  # a converted TorchScript module: keep the archive's parameter order
-            pos = {n: i for i, n in enumerate(order)}
-            named.sort(key=lambda np_: pos.get(np_[0], len(pos)))
+        named = list(everything)
+        if trainable_only:
+            named = [(n, p) for n, p in named if n not in frozen]
+            if not named:
+                raise UsageError("--trainable-only: every parameter of the model has requires_grad=False")
         if params:
             try:
                 rx = re.compile(params)
@@ -161,13 +226,26 @@ class Objective:
                 raise UsageError(f"--params '{params}' is not a regular expression: {e}") from None
             named = [(n, p) for n, p in named if rx.search(n)]
             if not named:
-                avail = ", ".join(n for n, _ in self.module.named_parameters())
+                avail = ", ".join(n for n, _ in everything)
                 raise UsageError(f"--params '{params}' selects no parameter; the model has: {avail}")
         if not named:
             raise HesscliError("the model has no parameters")
-        for n, p in self.module.named_parameters():
-            if not torch.isfinite(p).all():
+        for n, p in everything:
+            if p.is_floating_point() and not torch.isfinite(p).all():
                 raise HesscliError(f"parameter '{n}' {tuple(p.shape)} contains NaN or Inf")
+        self.frozen = frozen
+        frozen_in = [n for n, _ in named if n in frozen]
+        if frozen_in:
+            size = sum(p.numel() for n, p in named if n in frozen)
+            self.info.notes.append(
+                f"{len(frozen_in)} tensor(s) ({size:,} parameters) have requires_grad=False and are included: "
+                f"{', '.join(frozen_in[:6])}{' ...' if len(frozen_in) > 6 else ''}; pass --trainable-only "
+                "(or --params) to leave them out"
+            )
+        if self.tied:
+            self.info.notes.append(
+                "tied weights are one parameter: " + ", ".join(f"{t['name']} = {t['tied_to']}" for t in self.tied)
+            )
         self.names = [n for n, _ in named]
         self.shapes = [tuple(p.shape) for _, p in named]
         self.sizes = [p.numel() for _, p in named]
@@ -175,175 +253,300 @@ class Objective:
         for s in self.sizes:
             self.offsets.append(self.offsets[-1] + s)
         self.P = self.offsets[-1]
-        self.theta = [p.detach().clone() for _, p in named]
-        for p in self.module.parameters():  # constants: derivatives go through theta (functional_call)
-            p.requires_grad_(False)
+        chosen = {id(p) for _, p in named}
+        for _, p in everything:  # the selected tensors are the leaves; the rest are constants
+            p.requires_grad_(id(p) in chosen)
+        self.theta = [p for _, p in named]
+        self._plain = [p.detach() for p in self.theta]  # the same storage, without autograd
 
         self.loss: Loss | None = None
-        self._piece_counts: list[int] = []
+        self._piece_counts: list[float] = []
         self._cache: list[Linearization] | None = None
         self._cache_bytes = cache_bytes
         self.linearization_bytes = 0
+        self.derivative_check: dict = {}
+        self._lin_state: dict = {}
         self._example = example
         self._setup(loss, reduction, check)
 
-    # ------------------------------------------------------------------ set-up and checks
+    # ------------------------------------------------------------------ evaluating the model
 
-    def _move(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.is_floating_point():
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Context for every evaluation: :func:`hesscli.safeops.second_order_safe`, and for a
+        TorchScript module the graph executor's optimisation off (its profiling executor
+        specialises graphs after warm-up, NOTES.md; eager interpretation is what autograd sees)."""
+        with contextlib.ExitStack() as st:
+            if self.is_script:
+                st.enter_context(torch.jit.optimized_execution(False))
+            st.enter_context(second_order_safe())
+            yield
+
+    def _move(self, x, y: torch.Tensor) -> tuple:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
             x = x.to(self.dtype)
         if y.is_floating_point():
             y = y.to(self.dtype)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        xd = x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+        return xd, y.to(self.device, non_blocking=True)
 
-    def _forward(self, params: dict, x: torch.Tensor, y: torch.Tensor | None = None):
-        args = (x,) if y is None else (x, y)
+    def _raw(self, *args):
         try:
-            return functional_call(self.module, params, args)
+            return self.module(*args)
         except HesscliError:
             raise
         except Exception as e:
+            x = args[0]
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else "?"
+            hint = ""
+            if self.static_batch is not None:
+                hint = f" (the torch.export archive accepts batches of exactly {self.static_batch} samples)"
             raise HesscliError(
-                f"the model's forward failed on inputs {shape}{self.data.where()}: {type(e).__name__}: {e}"
+                f"the model's forward failed on inputs {shape}{self.data.where()}{hint}: {reason(e)}"
             ) from None
 
-    def _param_dict(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, tensors))
+    def forward(self, x, y: torch.Tensor | None = None):
+        """The model's output on one piece (``model(x)``, or ``model(x, y)`` for ``--loss model``).
 
-    def piece_total(self, tensors: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The sum of the loss terms of one piece (inputs already on the device)."""
-        params = self._param_dict(tensors)
+        For an archive exported with a fixed batch size B, the piece is evaluated B samples at a
+        time, the last chunk padded with copies of its last sample whose outputs are dropped (such a
+        model's outputs do not depend on the rest of the batch: :meth:`_check_model`)."""
+        args = (x,) if y is None else (x, y)
+        B = self.static_batch
+        if B is None or not isinstance(x, torch.Tensor) or x.shape[0] == B:
+            return self._raw(*args)
+        if y is not None:
+            raise HesscliError(
+                f"--loss model with a torch.export archive that accepts batches of exactly {B} samples needs pieces of "
+                f"exactly {B} (this one has {x.shape[0]}); export with dynamic_shapes="
+                "{'x': {0: torch.export.Dim('batch')}} or use one of hesscli's losses"
+            )
+        outs = []
+        for s in range(0, x.shape[0], B):
+            part = x[s : s + B]
+            n = part.shape[0]
+            if n < B:
+                part = torch.cat([part, part[-1:].expand((B - n,) + tuple(part.shape[1:]))])
+            out = self._raw(part)
+            if not isinstance(out, torch.Tensor):
+                out = prediction(out, self.output_key)
+            outs.append(out[:n])
+        return torch.cat(outs)
+
+    def piece_total(self, x, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The sum of the loss terms of one piece (inputs on the device) and their count (for
+        ``--loss model`` returning ``(sum, count)``, the count it returns, a real number)."""
         if self.loss.name == "model":
-            out = self._forward(params, x, y)
-            if isinstance(out, (tuple, list)):
-                return out[0]
-            return out * x.shape[0]
-        out = self._forward(params, x)
-        return self.loss.total(out, y)
+            ml = model_loss(self.forward(x, y), _n(x))
+            return ml.total, ml.count
+        out = prediction(self.forward(x), self.output_key)
+        return self.loss.total(out, y), float(self.loss.count(out.shape, y))
+
+    # ------------------------------------------------------------------ set-up and checks
 
     def _setup(self, loss_name: str, reduction: str, check: bool) -> None:
-        first = self.data.first(8)
-        params = self._param_dict(self.theta)
+        first = self.data.first(8 if self.static_batch is None else max(8, self.static_batch))
         if first is None:  # a rank without data: resolve the loss on an example batch, check nothing
             if loss_name == "model" or self._example is None:
                 self.loss = resolve_loss("model" if loss_name == "model" else "mse", reduction, torch.zeros(1), torch.zeros(1))
             else:
-                with torch.no_grad(), second_order_safe():
+                with torch.no_grad(), self.evaluating():
                     xe, ye = self._example
-                    self.loss = resolve_loss(loss_name, reduction, self._forward(params, self._move(xe, ye)[0]), ye)
-        counts = []
+                    out = prediction(self.forward(self._move(xe, ye)[0]), self.output_key)
+                    self.loss = resolve_loss(loss_name, reduction, out, ye)
+        counts: list[float] = []
         total = 0.0
-        with torch.no_grad(), second_order_safe():
+        mean_pieces = 0
+        with torch.no_grad(), self.evaluating():
             if first is not None:
                 x0, y0 = self._move(*first)
                 if loss_name == "model":
-                    out0 = self._forward(params, x0, y0)
+                    out0 = self.forward(x0, y0)
                     self.loss = resolve_loss("model", reduction, out0, y0)
+                    model_loss(out0, _n(x0))  # readable as a loss: fail here, before any work
                 else:
-                    out0 = self._forward(params, x0)
-                    self.loss = resolve_loss(loss_name, reduction, out0, first[1])
+                    out0 = self.forward(x0)
+                    self.loss = resolve_loss(loss_name, reduction, prediction(out0, self.output_key), first[1])
                 if check:
-                    self._check_model(params, x0, y0, out0)
+                    self._check_model(x0, y0, out0)
             for x, y in self.data.pieces(self.batch_size):
                 if self.loss.name == "model":
                     xd, yd = self._move(x, y)
-                    out = self._forward(params, xd, yd)
-                    if isinstance(out, (tuple, list)):
-                        if len(out) != 2:
-                            raise HesscliError("--loss model: the model must return a mean loss or a pair (sum, count)")
-                        s, c = out
-                        c = int(round(float(c)))
-                    else:
-                        s, c = out * x.shape[0], int(x.shape[0])
-                    s = torch.as_tensor(s)
-                    if s.numel() != 1:
-                        raise HesscliError(f"--loss model: the model returned a loss of shape {tuple(s.shape)}, not a scalar")
+                    ml = model_loss(self.forward(xd, yd), _n(xd))
+                    s, c = ml.total, ml.count
+                    mean_pieces += ml.mean
                 else:
                     xd = self._move(x, y[:0])[0]
-                    out = self._forward(params, xd)
+                    out = prediction(self.forward(xd), self.output_key)
                     resolve_loss(self.loss.name, reduction, out, y)  # checks the targets on the CPU
-                    yd = self._move(x[:0], y)[1]
-                    c = self.loss.count(out.shape, y)
+                    yd = self._move(x[:0] if isinstance(x, torch.Tensor) else x, y)[1]
+                    c = float(self.loss.count(out.shape, y))
                     s = self.loss.total(out, yd)
                 s = float(s)
                 if not math.isfinite(s):
                     raise HesscliError(
-                        f"the loss is {'NaN' if math.isnan(s) else 'infinite'} on a batch of {x.shape[0]} samples"
+                        f"the loss is {'NaN' if math.isnan(s) else 'infinite'} on a batch of {_n(x)} samples"
                         f"{self.data.where()} "
                         "(check the inputs, the weights and --loss)"
                     )
                 counts.append(c)
                 total += s
         self._piece_counts = counts
-        n_terms = torch.tensor([float(sum(counts)), total], dtype=torch.float64)
+        n_terms = torch.tensor([float(sum(counts)), total, float(mean_pieces), float(len(counts))], dtype=torch.float64)
         n_samples = torch.tensor([float(self.data.n_samples)], dtype=torch.float64)
         if self.comm is not None:
             self.comm.all_reduce(n_terms)
             self.comm.all_reduce(n_samples)
-        self.n_loss_terms = int(round(n_terms[0].item()))
+        terms = n_terms[0].item()
+        self.n_loss_terms = int(round(terms)) if abs(terms - round(terms)) < 1e-9 * max(1.0, terms) else terms
         self.n_samples = int(round(n_samples[0].item()))
-        if self.n_loss_terms == 0:
+        if not self.n_loss_terms > 0:
             raise HesscliError("the data has no loss terms (every target is ignored, or there are no samples)")
+        if n_terms[2].item() > 0 and n_terms[3].item() > 1:
+            self.info.warnings.append(
+                f"--loss model: the model returns a mean loss and the data is evaluated in {int(n_terms[3].item())} pieces, "
+                "so each piece's mean is weighted by its number of samples; a loss whose terms carry weights (class or "
+                "sample weights, ignored targets) then differs from the model's loss on the whole data set. Return the "
+                "pair (sum, count) from the model to make it exact"
+            )
         self.scale = 1.0 / self.n_loss_terms if reduction == "mean" else 1.0
         self.loss_value = n_terms[1].item() * self.scale
         if check and first is not None:
-            self._find_unused(first)
+            self._check_derivatives(first)
         if self.engine == "chain" and self.loss.name == "model":
             raise UsageError("--engine chain needs one of hesscli's losses, not --loss model")
         if first is not None and engine_wanted(self.engine, self.loss.name):
             self._detect_chain(first)
 
-    def _check_model(self, params, x, y, out0) -> None:
+    def _check_model(self, x, y, out0) -> None:
         """Refuse models whose outputs are not finite, are random (dropout baked in) or depend on
         the batch."""
         args = (x, y) if self.loss.name == "model" else (x,)
-        a = _first_tensor(out0)
+        a = _first_tensor(out0, self.output_key)
         if a is not None and a.is_floating_point() and not torch.isfinite(a).all():
             bad = (~torch.isfinite(a)).reshape(a.shape[0], -1).any(1).nonzero() if a.dim() else a.new_zeros(0, 1)
-            where = f" (first at sample {int(bad[0, 0])})" if a.dim() and a.shape[0] == x.shape[0] and bad.numel() else ""
+            where = f" (first at sample {int(bad[0, 0])})" if a.dim() and a.shape[0] == _n(x) and bad.numel() else ""
             raise HesscliError(f"the model's outputs contain NaN or Inf{where} although its inputs and weights are finite")
-        out1 = self._forward(params, *args)
-        b = _first_tensor(out1)
+        out1 = self.forward(*args)
+        b = _first_tensor(out1, self.output_key)
         if a is not None and b is not None and not _close(a, b):
             raise HesscliError(
                 "the model's outputs change between two identical calls (dropout or other randomness "
                 "baked in, e.g. traced or exported in train mode); its Hessian would depend on chance"
             )
-        if self.loss.name == "model" or x.shape[0] < 2 or a is None or a.dim() == 0 or a.shape[0] != x.shape[0]:
+        n = _n(x)
+        if self.loss.name == "model" or n < 2 or a is None or a.dim() == 0 or a.shape[0] != n:
             return
         # a sub-batch of 2 when there are 3 or more samples (BatchNorm refuses a batch of 1), else of 1
-        k = 2 if x.shape[0] >= 3 else 1
+        k = 2 if n >= 3 else 1
         try:
-            part = _first_tensor(self._forward(params, x[:k]))
+            part = _first_tensor(self.forward(_slice(x, k)), self.output_key)
         except HesscliError as e:
             raise HesscliError(f"{_BATCH_MSG} (a batch of {k} fails: {e})") from None
         if part is not None and part.shape[1:] == a.shape[1:] and not _close(part[:k], a[:k]):
             raise HesscliError(_BATCH_MSG)
 
-    def _find_unused(self, first) -> None:
+    def _check_derivatives(self, first) -> None:
+        """The derivative self-check (module docstring): per group of parameter tensors, autograd's
+        derivative of the loss along a random direction against Richardson-extrapolated central
+        differences of the loss the model computes with the weights it actually reads. Names the
+        tensors at fault; also finds the parameters that get no gradient."""
+        t0 = time.perf_counter()
         x, y = self._move(*first)
-        leaves = [t.clone().requires_grad_(True) for t in self.theta]
-        with second_order_safe():
-            total = self.piece_total(leaves, x, y)
-        if not total.requires_grad:
-            self.info.unused = list(self.names)
-        else:
-            gs = torch.autograd.grad(total, leaves, allow_unused=True)
-            self.info.unused = [n for n, g in zip(self.names, gs) if g is None]
+        with self.evaluating():
+            total, _ = self.piece_total(x, y)
+            if total.requires_grad:
+                grads = torch.autograd.grad(total, self.theta, allow_unused=True)
+            else:
+                grads = [None] * len(self.theta)
+        self.info.unused = [n for n, g in zip(self.names, grads) if g is None]
+        gen = torch.Generator().manual_seed(20240611)
+        scale_all = math.sqrt(sum(float((p.double() ** 2).sum()) for p in self._plain) / max(self.P, 1)) or 1.0
+        dirs = []
+        for p in self._plain:
+            rms = math.sqrt(float((p.double() ** 2).mean())) if p.numel() else 0.0
+            d = torch.randn(p.shape, generator=gen, dtype=torch.float64) * (rms or scale_all)
+            dirs.append(d.to(p.device, p.dtype))
+        saved = [p.clone() for p in self._plain]
+        T = len(self.theta)
+        n_groups = min(T, 6)
+        groups = [list(range(T * i // n_groups, T * (i + 1) // n_groups)) for i in range(n_groups)]
+        stats = {"forwards": 0, "worst": 0.0}
+
+        def ad(idx):
+            return sum(float((g.double() * dirs[i].double()).sum()) for i in idx if (g := grads[i]) is not None)
+
+        def f(idx, h):
+            with torch.no_grad():
+                for i in idx:
+                    self._plain[i].copy_(saved[i] + h * dirs[i])
+                try:
+                    return float(self.piece_total(x, y)[0])
+                finally:
+                    for i in idx:
+                        self._plain[i].copy_(saved[i])
+                    stats["forwards"] += 1
+
+        def agrees(idx) -> tuple[bool, float, float]:
+            a = ad(idx)
+            eps = float(torch.finfo(self.dtype).eps)
+            rel = 1e-7 if self.dtype == torch.float64 else 1e-4
+            h = 1e-3 if self.dtype == torch.float64 else 3e-2
+            D = a
+            for _ in range(3):  # smaller steps when the first straddles a kink (ReLU) or the loss curves fast
+                fp, fm, fp2, fm2, fph, fmh = (f(idx, t) for t in (h, -h, 2 * h, -2 * h, h / 2, -h / 2))
+                d_h = (8 * (fp - fm) - (fp2 - fm2)) / (12 * h)
+                d_half = (8 * (fph - fmh) - (fp - fm)) / (6 * h)
+                big = max(abs(v) for v in (fp, fm, fp2, fm2, fph, fmh))
+                tol = 3 * abs(d_h - d_half) + 30 * eps * big / h + rel * max(abs(a), abs(d_half))
+                D = d_half
+                err = abs(a - D)
+                stats["worst"] = max(stats["worst"], err / max(abs(D), abs(a), 1e-300))
+                if err <= tol:
+                    return True, a, D
+                h /= 10
+            return False, a, D
+
+        with self.evaluating():
+            bad = []
+            for g in groups:
+                ok, a, D = agrees(g)
+                if not ok:
+                    singles = [(i, agrees([i])) for i in g] if len(g) > 1 else [(g[0], (ok, a, D))]
+                    culprits = [(i, r) for i, r in singles if not r[0]] or [(g[0], (ok, a, D))]
+                    bad.extend(culprits)
+        self.derivative_check = {
+            "seconds": round(time.perf_counter() - t0, 4),
+            "forwards": stats["forwards"],
+            "groups": len(groups),
+            "samples": _n(x),
+        }
+        if bad:
+            names = ", ".join(f"'{self.names[i]}' (autograd {r[1]:.4g}, finite differences {r[2]:.4g})" for i, r in bad[:4])
+            raise HesscliError(
+                f"the loss's derivative along parameter {names} disagrees with finite differences of the model: the model "
+                "reads these weights in a way autograd does not see (through .detach(), .data or a copy), so their Hessian "
+                "would be wrong; save the model so that its forward uses its parameters directly"
+            )
         if self.info.unused:
             self.info.notes.append(
-                "parameters that get no gradient (their Hessian rows are zero): " + ", ".join(self.info.unused)
+                "parameters that get no gradient (their Hessian rows are zero; finite differences agree): "
+                + ", ".join(self.info.unused)
             )
 
     def _detect_chain(self, first) -> None:
         """Use :mod:`hesscli.chain`'s closed-form products when the model is an affine chain and
         they agree with autograd's on the first samples (two random vectors)."""
         x, y = self._move(*first)
+        if not isinstance(x, torch.Tensor) or self.static_batch is not None or self.output_key is not None:
+            return
         try:
-            out, ops = record_chain(lambda: self._forward(self._param_dict(self.theta), x))
-            program = ChainProgram.parse(ops, self.theta, x, out)
-            lin = ChainLinearization(program, ops, self.theta, out, y, self.loss)
+            with self.evaluating():
+                out, ops = record_chain(lambda: self.forward(x))
+            if not isinstance(out, torch.Tensor):
+                raise NotAChain("the model returns a structured output")
+            program = ChainProgram.parse(ops, self._plain, x, out)
+            lin = ChainLinearization(program, ops, self._plain, out, y, self.loss)
         except NotAChain as e:
             if self.engine == "chain":
                 raise HesscliError(f"--engine chain: the model is not an affine chain ({e})") from None
@@ -372,23 +575,23 @@ class Objective:
         """Parameter groups: ``module`` (a module's own tensors together), ``tensor`` or ``all``."""
         return param_blocks(self.names, self.offsets, by)
 
-    def linearize(self, x: torch.Tensor, y: torch.Tensor) -> Linearization | ChainLinearization:
+    def linearize(self, x, y: torch.Tensor) -> Linearization | ChainLinearization:
         """What products on this piece need: the closed-form chain quantities
         (:mod:`hesscli.chain`) when the model is a checked affine chain, else the gradient with its
         graph (:class:`Linearization`)."""
         if self.chain is not None:
             try:
-                out, ops = record_chain(lambda: self._forward(self._param_dict(self.theta), x))
-                lin = ChainLinearization(self.chain, ops, self.theta, out, y, self.loss)
+                with self.evaluating():
+                    out, ops = record_chain(lambda: self.forward(x))
+                lin = ChainLinearization(self.chain, ops, self._plain, out, y, self.loss)
                 self.linearization_bytes = max(self.linearization_bytes, lin.nbytes)
                 return lin
             except NotAChain:  # this piece ran other ops: autograd
                 pass
         return self._autograd_linearization(x, y)
 
-    def _autograd_linearization(self, x: torch.Tensor, y: torch.Tensor) -> Linearization:
+    def _autograd_linearization(self, x, y: torch.Tensor) -> Linearization:
         """g(θ) = ∇ of this piece's summed loss, with its graph kept for products."""
-        leaves = [t.clone().requires_grad_(True) for t in self.theta]
         seen: dict[int, int] = {}
 
         def pack(t):
@@ -399,13 +602,13 @@ class Objective:
                 pass
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), second_order_safe():
-            total = self.piece_total(leaves, x, y)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.evaluating(), torch.enable_grad():
+            total, _ = self.piece_total(x, y)
             if not total.requires_grad:
-                return Linearization(leaves, [None] * len(leaves))
-            grads = torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
+                return Linearization(self.theta, [None] * len(self.theta), self._lin_state)
+            grads = torch.autograd.grad(total, self.theta, create_graph=True, allow_unused=True)
         self.linearization_bytes = max(self.linearization_bytes, sum(seen.values()))
-        return Linearization(leaves, list(grads))
+        return Linearization(self.theta, list(grads), self._lin_state)
 
     def linearizations(self) -> Iterator[Linearization]:
         """One :class:`Linearization` per piece (cached when they all fit the cache budget)."""
@@ -442,26 +645,36 @@ class Objective:
     def n_pieces(self) -> int:
         return len(self._piece_counts)
 
+    def products(self, V: torch.Tensor, tensors: Sequence[int] | None = None) -> torch.Tensor:
+        """The one product function: H·V (or the diagonal block on ``tensors``) for the rows of V.
+
+        V: (k, n) in the objective's dtype and device, n = P or the total size of ``tensors``
+        (consecutive indices into :attr:`names`). Returns (k, n): the products summed over the
+        pieces, scaled by 1/n_loss_terms (mean), and summed over the ranks under torchrun."""
+        idx = list(range(len(self.names))) if tensors is None else list(tensors)
+        k = V.shape[0]
+        base = self.offsets[idx[0]]
+        parts = [V[:, self.offsets[t] - base : self.offsets[t + 1] - base].reshape((k,) + self.shapes[t]) for t in idx]
+        acc = torch.zeros(k, V.shape[1], dtype=self.dtype, device=self.device)
+        for lin in self.linearizations():
+            if k == 1:
+                res = lin.apply([p[0] for p in parts], idx, idx, batched=False)
+            else:
+                res = lin.apply(parts, idx, idx, batched=True)
+            acc += torch.cat([r.reshape(k, -1) for r in res], dim=1)
+        acc *= self.scale
+        if self.comm is not None:
+            self.comm.all_reduce(acc)
+        self.hvps += k
+        return acc
+
     def hvp(self, V: torch.Tensor) -> torch.Tensor:
         """H·V for V of shape (P,) or (k, P) (rows are vectors); same shape back, on V's device."""
         single = V.dim() == 1
         Vb = V.reshape(1, -1) if single else V
         if Vb.shape[-1] != self.P:
             raise ValueError(f"hvp: vectors of length {Vb.shape[-1]}, expected P = {self.P}")
-        Vd = Vb.to(self.device, self.dtype)
-        k = Vd.shape[0]
-        parts = [Vd[:, a:b].reshape((k,) + s) for a, b, s in zip(self.offsets[:-1], self.offsets[1:], self.shapes)]
-        if single:
-            parts = [p[0] for p in parts]
-        idx = list(range(len(self.names)))
-        acc = torch.zeros(k, self.P, dtype=self.dtype, device=self.device)
-        for lin in self.linearizations():
-            res = lin.apply(parts, idx, idx, batched=not single)
-            acc += torch.cat([r.reshape(k, -1) for r in res], dim=1)
-        acc *= self.scale
-        if self.comm is not None:
-            self.comm.all_reduce(acc)
-        self.hvps += k
+        acc = self.products(Vb.to(self.device, self.dtype))
         out = acc[0] if single else acc
         return out.to(V.device) if V.device != self.device else out
 
@@ -470,12 +683,13 @@ class Objective:
         acc = torch.zeros(self.P, dtype=self.dtype, device=self.device)
         for x, y in self.data.pieces(self.batch_size):
             xd, yd = self._move(x, y)
-            leaves = [t.clone().requires_grad_(True) for t in self.theta]
-            with second_order_safe():
-                total = self.piece_total(leaves, xd, yd)
-            if total.requires_grad:
-                gs = torch.autograd.grad(total, leaves, allow_unused=True)
-                acc += torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1) for g, t in zip(gs, leaves)])
+            with self.evaluating():
+                total, _ = self.piece_total(xd, yd)
+                if not total.requires_grad:
+                    continue
+                gs = torch.autograd.grad(total, self.theta, allow_unused=True)
+            acc += torch.cat([(g.to_dense() if g is not None and g.is_sparse else g if g is not None else torch.zeros_like(t)).reshape(-1)
+                              for g, t in zip(gs, self._plain)])
         acc *= self.scale
         if self.comm is not None:
             self.comm.all_reduce(acc)
@@ -486,7 +700,7 @@ class Objective:
 
         Two random vectors u_a, u'_a supported on each parameter group a (tensors, merged into at
         most ``max_groups`` groups) give M = Uᵀ(HU); a correct Hessian has M = Mᵀ to rounding, while
-        a wrong second derivative (NOTES.md: layer_norm in torch) breaks it by O(1). Returns
+        a wrong second derivative breaks it by O(1). Returns
         (max |M_ab − M_ba| / (‖Hu_a‖‖u_b‖ + ‖Hu_b‖‖u_a‖), "name_a / name_b"). Costs 2·groups HVPs.
         """
         T = len(self.names)
@@ -514,7 +728,7 @@ class Objective:
         return [{"name": n, "shape": list(s)} for n, s in zip(self.names, self.shapes)]
 
     def param_checksum(self) -> float:
-        return float(sum(t.double().sum().item() + 1e-3 * t.double().abs().sum().item() for t in self.theta))
+        return float(sum(t.double().sum().item() + 1e-3 * t.double().abs().sum().item() for t in self._plain))
 
 
 def _scalar_hvp(lin: Linearization, v: list[torch.Tensor]) -> torch.Tensor:
@@ -555,26 +769,79 @@ def param_blocks(names: Sequence[str], offsets: Sequence[int], by: str = "module
     return out
 
 
-def _cast_floating(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+def _unique_params(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``named_parameters()`` with each tensor once, under its first name (a tie is one tensor even
+    where two Parameter objects share a storage)."""
+    seen: set = set()
+    out = []
+    for n, p in module.named_parameters():
+        key = _storage_key(p)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((n, p))
+    return out
+
+
+def _tied(module: nn.Module) -> list[dict]:
+    """Names that alias an earlier parameter: [{"name": alias, "tied_to": first name}]."""
+    first: dict = {}
+    out = []
+    for n, p in module.named_parameters(remove_duplicate=False):
+        key = _storage_key(p)
+        if key in first:
+            out.append({"name": n, "tied_to": first[key]})
+        else:
+            first[key] = n
+    return out
+
+
+def _cast_in_place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move the module's parameters and buffers to ``device`` and its floating ones to ``dtype``, by
+    replacing each tensor's data: the tensor objects stay the same, so every reference to them (a
+    scripted RNN's flat weight list, a tie) sees the change."""
+    done: set[int] = set()
+    tensors = [p for _, p in module.named_parameters(remove_duplicate=False)]
+    tensors += [b for _, b in module.named_buffers(remove_duplicate=False) if b is not None]
+    for t in tensors:
+        if id(t) in done:
+            continue
+        done.add(id(t))
+        want = dtype if t.is_floating_point() else t.dtype
+        if t.device != device or t.dtype != want:
+            t.data = t.data.to(device=device, dtype=want)
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
     try:
-        return module.to(dtype=dtype)
-    except Exception:
-        for p in list(module.parameters()) + list(module.buffers()):
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
-        return module
+        return copy.deepcopy(module)
+    except Exception as e:  # noqa: BLE001 - a module that cannot be copied
+        raise HesscliError(f"the model cannot be copied ({reason(e)}); pass copy=False to let hesscli change it in place") from None
 
 
-def _first_tensor(out) -> torch.Tensor | None:
+def _n(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0])
+    if isinstance(x, dict):
+        return int(next(iter(x.values())).shape[0])
+    return len(x)
+
+
+def _slice(x, k: int):
+    if isinstance(x, dict):
+        return {key: v[:k] for key, v in x.items()}
+    return x[:k]
+
+
+def _first_tensor(out, key: str | None = None) -> torch.Tensor | None:
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if isinstance(out, dict):
-        for v in out.values():
-            if isinstance(v, torch.Tensor):
-                return v
-    return None
+    try:
+        return prediction(out, key)
+    except HesscliError:
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            return out[0]
+        return None
 
 
 _BATCH_MSG = (

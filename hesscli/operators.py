@@ -81,20 +81,7 @@ class HessianOperator(SymOperator):
         if self.block is None:
             return obj.hvp(Vd)
         # the diagonal block: vectors on the block's tensors, products differentiated w.r.t. them only
-        b, k = self.block, Vd.shape[0]
-        idx = list(b.tensors)
-        parts = [
-            Vd[:, obj.offsets[t] - b.start : obj.offsets[t + 1] - b.start].reshape((k,) + obj.shapes[t]) for t in idx
-        ]
-        acc = torch.zeros(k, b.size, dtype=obj.dtype, device=obj.device)
-        for lin in obj.linearizations():
-            res = lin.apply(parts, idx, idx, batched=True)
-            acc += torch.cat([r.reshape(k, -1) for r in res], dim=1)
-        acc *= obj.scale
-        if obj.comm is not None:
-            obj.comm.all_reduce(acc)
-        obj.hvps += k
-        return acc
+        return obj.products(Vd, self.block.tensors)
 
 
 class DenseOperator(SymOperator):

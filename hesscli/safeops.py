@@ -1,135 +1,119 @@
-"""Second-order-safe replacements for ops whose second derivatives torch gets wrong.
+"""Ops that torch cannot differentiate twice, computed by equivalent ops that it can.
 
-torch 2.13's double backward (and forward-over-reverse) of ``layer_norm`` with an affine weight and
-of ``instance_norm`` with a weight is wrong: the mixed block d²L/d(weight) d(input) is off by O(1)
-(NOTES.md; pytorch#196700). Writing the normalisation from primitive ops (mean, centring,
-``rsqrt(var + eps)``, scale, shift) gives derivatives of every order that autograd gets right.
+Plain autograd double backward is right for every op hesscli has met, ``layer_norm`` and
+``instance_norm`` included (NOTES.md: only torch.func transforms wrapped around a first
+derivative get those wrong, and hesscli uses none). What remains are ops whose *second* derivative
+torch does not implement at all, all with an exact equivalent:
 
-:class:`SecondOrderSafe` is a ``TorchFunctionMode`` that swaps those ops for the primitive versions
-wherever they are called: from eager modules (``F.layer_norm``), and from the ATen overloads that
-``torch.export`` graphs (and TorchScript converted to them) call (``aten.layer_norm``,
-``aten.native_layer_norm``, ``aten.instance_norm``). It also routes scaled-dot-product attention
-to the math kernel, the only one with double backward and forward-mode derivatives.
+- scaled-dot-product attention: the flash and memory-efficient kernels have no double backward;
+  the math kernel is chosen (``sdpa_kernel``; this also reaches TorchScript code, which reads the
+  same global flags);
+- ``embedding(..., sparse=True)``: a sparse gradient cannot be differentiated again; the same
+  function with a dense gradient is used (sparsity changes how the gradient is stored, not the
+  function);
+- ``embedding_bag``: its backward has no derivative; it is rewritten as an embedding lookup and a
+  masked reduction over each bag (sum, mean or max, ``per_sample_weights``, ``padding_idx``,
+  offsets or 2-D input, ``include_last_offset``).
+
+:class:`SecondOrderSafe` is a ``TorchFunctionMode`` that swaps the Python-level calls
+(``F.embedding``, ``F.embedding_bag``, modules that call them) for the versions above. TorchScript
+graphs do not go through Python: their sparse embedding gradients are densified by the product code
+(:class:`hesscli.objective.Linearization`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["SecondOrderSafe", "layer_norm", "instance_norm", "second_order_safe"]
+__all__ = ["SecondOrderSafe", "embedding_bag", "second_order_safe"]
+
+_MODES = {0: "sum", 1: "mean", 2: "max"}
 
 
-def _norm_dims(x: torch.Tensor, normalized_shape: Sequence[int]) -> tuple[int, ...]:
-    k = len(tuple(normalized_shape))
-    return tuple(range(x.dim() - k, x.dim()))
-
-
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """``F.layer_norm`` from primitives: (x − mean) · rsqrt(var + eps) · weight + bias."""
-    dims = _norm_dims(x, normalized_shape)
-    mean = x.mean(dims, keepdim=True)
-    xc = x - mean
-    var = (xc * xc).mean(dims, keepdim=True)
-    out = xc * torch.rsqrt(var + eps)
-    if weight is not None:
-        out = out * weight
-    if bias is not None:
-        out = out + bias
-    return out
-
-
-def _native_layer_norm(x, normalized_shape, weight, bias, eps):
-    dims = _norm_dims(x, normalized_shape)
-    mean = x.mean(dims, keepdim=True)
-    xc = x - mean
-    var = (xc * xc).mean(dims, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    out = xc * rstd
-    if weight is not None:
-        out = out * weight
-    if bias is not None:
-        out = out + bias
-    return out, mean, rstd
-
-
-def instance_norm(
-    x,
-    running_mean=None,
-    running_var=None,
-    weight=None,
-    bias=None,
-    use_input_stats=True,
-    momentum=0.1,
-    eps=1e-5,
+def embedding_bag(
+    input,
+    weight,
+    offsets=None,
+    max_norm=None,
+    norm_type=2.0,
+    scale_grad_by_freq=False,
+    mode="mean",
+    sparse=False,
+    per_sample_weights=None,
+    include_last_offset=False,
+    padding_idx=None,
 ):
-    """``F.instance_norm`` from primitives: per (sample, channel) over the spatial dimensions."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if use_input_stats:
-        dims = tuple(range(2, x.dim()))
-        mean = x.mean(dims, keepdim=True)
-        xc = x - mean
-        var = (xc * xc).mean(dims, keepdim=True)
-        out = xc * torch.rsqrt(var + eps)
+    """``F.embedding_bag`` as an embedding lookup and a masked reduction per bag (twice
+    differentiable). Shapes as in torch: ``input`` (B, L) without offsets, or (n,) with ``offsets``
+    (B,) (or (B+1,) with ``include_last_offset``); returns (B, embedding_dim). An empty bag gives
+    zeros, as torch does."""
+    if max_norm is not None:
+        raise NotImplementedError("embedding_bag with max_norm renormalises the weight in place")
+    if input.dim() == 2:
+        idx = input
+        mask = torch.ones_like(idx, dtype=torch.bool)
+        psw = per_sample_weights
     else:
-        out = (x - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
-    if weight is not None:
-        out = out * weight.reshape(shape)
-    if bias is not None:
-        out = out + bias.reshape(shape)
+        if offsets is None:
+            raise ValueError("embedding_bag: 1-D input needs offsets")
+        n = input.shape[0]
+        starts = offsets[:-1] if include_last_offset else offsets
+        ends = torch.cat([starts[1:], starts.new_tensor([n])]) if not include_last_offset else offsets[1:]
+        lengths = ends - starts
+        width = int(lengths.max()) if lengths.numel() else 0
+        pos = torch.arange(width, device=input.device)
+        mask = pos[None, :] < lengths[:, None]
+        gather = (starts[:, None] + pos[None, :]).clamp(max=max(n - 1, 0))
+        idx = input[gather] if n else input.new_zeros(gather.shape)
+        psw = per_sample_weights[gather] if per_sample_weights is not None else None
+    if padding_idx is not None:
+        mask = mask & (idx != padding_idx)
+    emb = F.embedding(idx, weight)  # (B, L, D)
+    m = mask.unsqueeze(-1).to(emb.dtype)
+    if isinstance(mode, int):
+        mode = _MODES[mode]
+    if mode == "max":
+        filled = emb.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        out = filled.amax(1)
+        return torch.where(mask.any(1, keepdim=True), out, torch.zeros_like(out))
+    if psw is not None:
+        m = m * psw.unsqueeze(-1).to(emb.dtype)
+    out = (emb * m).sum(1)
+    if mode == "mean":
+        out = out / mask.sum(1, keepdim=True).clamp_min(1).to(emb.dtype)
     return out
 
 
-def _aten_instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, *_):
-    return instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-
-
-def _f_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    return layer_norm(x, normalized_shape, weight, bias, eps)
-
-
-def _aten_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *_):
-    return layer_norm(x, normalized_shape, weight, bias, eps)
-
-
-def _replacements() -> dict:
-    aten = torch.ops.aten
-    return {
-        F.layer_norm: _f_layer_norm,
-        torch.layer_norm: _aten_layer_norm,
-        aten.layer_norm.default: _aten_layer_norm,
-        aten.native_layer_norm.default: _native_layer_norm,
-        F.instance_norm: instance_norm,
-        torch.instance_norm: _aten_instance_norm,
-        aten.instance_norm.default: _aten_instance_norm,
-    }
+def _dense_embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
+    return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, False)
 
 
 class SecondOrderSafe(TorchFunctionMode):
-    """Calls the primitive versions of ``layer_norm`` and ``instance_norm``; counts each swap."""
+    """Swaps sparse embeddings and ``embedding_bag`` for twice-differentiable equivalents."""
 
     def __init__(self):
         super().__init__()
-        self._table = _replacements()
         self.swapped: dict[str, int] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        repl = self._table.get(func)
-        if repl is None:
-            return func(*args, **kwargs)
-        name = getattr(func, "__name__", str(func))
-        self.swapped[name] = self.swapped.get(name, 0) + 1
-        return repl(*args, **kwargs)
+        if func is F.embedding_bag:
+            self.swapped["embedding_bag"] = self.swapped.get("embedding_bag", 0) + 1
+            return embedding_bag(*args, **kwargs)
+        if func is F.embedding and (kwargs.get("sparse") or (len(args) > 6 and args[6])):
+            self.swapped["embedding(sparse=True)"] = self.swapped.get("embedding(sparse=True)", 0) + 1
+            return _dense_embedding(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def second_order_safe():
-    """Context for every second-order evaluation: primitive norms, math attention kernel."""
+    """Context for every evaluation of the loss: the math attention kernel, and the swaps of
+    :class:`SecondOrderSafe`."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]), SecondOrderSafe() as mode:
