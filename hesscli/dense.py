@@ -33,7 +33,7 @@ import torch
 
 from .errors import HesscliError, MemoryBudgetError, UsageError
 from .memory import default_budget, fmt_bytes
-from .objective import Objective, ParamBlock
+from .objective import Objective, ParamBlock, asymmetry_tolerance
 from .progress import NullProgress, Progress
 
 __all__ = ["DenseBlock", "DenseResult", "DensePlan", "plan_dense", "dense_hessian", "asymmetry_tolerance"]
@@ -41,11 +41,6 @@ __all__ = ["DenseBlock", "DenseResult", "DensePlan", "plan_dense", "dense_hessia
 CHUNK_CAP = 512  # most vectors per batched product; the tuner picks k ≤ this (few samples want large k)
 WORK_BYTES = 128 << 20  # and k·(bytes per vector) stays under this: the chunk's transient memory (which the
 # tuner reaches whichever k it keeps; measured peaks run 1.5× this estimate on the digits CNN)
-
-
-def asymmetry_tolerance(dtype: torch.dtype) -> float:
-    """Relative asymmetry above which a Hessian is wrong, not rounded: 1e-3 (float32), 1e-8 (float64)."""
-    return 1e-3 if dtype == torch.float32 else 1e-8
 
 
 @dataclass

@@ -48,7 +48,7 @@ from .losses import Loss, resolve_loss
 from .outputs import model_loss, prediction
 from .safeops import second_order_safe
 
-__all__ = ["Objective", "Linearization", "ParamBlock", "ENGINES", "param_blocks"]
+__all__ = ["Objective", "Linearization", "ParamBlock", "ENGINES", "param_blocks", "asymmetry_tolerance"]
 
 ENGINES = ("auto", "autograd", "chain")  # products: chain when the model is one, autograd always, chain or refuse
 
@@ -716,7 +716,11 @@ class Objective:
         norms_u = U.norm(dim=1)
         norms_hu = HU.norm(dim=1)
         denom = norms_hu[:, None] * norms_u[None, :] + norms_u[:, None] * norms_hu[None, :]
-        rel = (M - M.T).abs() / denom.clamp_min(1e-300)
+        # a block that is zero up to rounding (e.g. a conv bias before an InstanceNorm) has an O(1)
+        # relative asymmetry of pure noise: measure against at least a floor set by the whole H,
+        # at which rounding (ε of the dtype) stays a tenth of the tolerance
+        floor = float((norms_hu * norms_u).max()) * 20 * float(torch.finfo(self.dtype).eps) / asymmetry_tolerance(self.dtype)
+        rel = (M - M.T).abs() / denom.clamp_min(max(floor, 1e-300))
         rel[denom == 0] = 0.0
         i, j = divmod(int(rel.argmax()), rel.shape[1])
         name = lambda k: ",".join(self.names[t] for t in groups[k // 2])  # noqa: E731
@@ -729,6 +733,11 @@ class Objective:
 
     def param_checksum(self) -> float:
         return float(sum(t.double().sum().item() + 1e-3 * t.double().abs().sum().item() for t in self._plain))
+
+
+def asymmetry_tolerance(dtype: torch.dtype) -> float:
+    """Relative asymmetry above which a Hessian is wrong, not rounded: 1e-3 (float32), 1e-8 (float64)."""
+    return 1e-3 if dtype == torch.float32 else 1e-8
 
 
 def _scalar_hvp(lin: Linearization, v: list[torch.Tensor]) -> torch.Tensor:
