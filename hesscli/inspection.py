@@ -18,6 +18,19 @@ from .objective import param_blocks
 __all__ = ["inspect_model"]
 
 
+def _aliases(module) -> dict[str, str]:
+    """Parameter names that alias an earlier one (tied weights), to that name."""
+    first: dict = {}
+    out = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
+        if key in first:
+            out[n] = first[key]
+        else:
+            first[key] = n
+    return out
+
+
 def inspect_model(spec: ModelSpec, console: Console):
     """Summary dict and a renderer for ``hesscli inspect``."""
     import torch
@@ -27,6 +40,7 @@ def inspect_model(spec: ModelSpec, console: Console):
         session = open_session(spec)
         obj = session.objective
         names, shapes, lm = obj.names, obj.shapes, session.model
+        frozen, tied = set(obj.frozen), obj.tied
         itemsize = torch.empty((), dtype=obj.dtype).element_size()
         dtype = str(obj.dtype).replace("torch.", "")
         device = obj.device
@@ -34,6 +48,10 @@ def inspect_model(spec: ModelSpec, console: Console):
         kwargs = parse_arch_kwargs(spec.arch_kwargs) if isinstance(spec.arch_kwargs, str) else spec.arch_kwargs
         lm = load_model(spec.model, spec.arch, kwargs, spec.trust_code)
         named = lm.named_parameters()
+        frozen = {n for n, p in named if not p.requires_grad}
+        tied = [{"name": n, "tied_to": first} for n, first in _aliases(lm.module).items()]
+        if spec.trainable_only:
+            named = [(n, p) for n, p in named if n not in frozen]
         if spec.params:
             try:
                 rx = re.compile(spec.params)
@@ -63,7 +81,8 @@ def inspect_model(spec: ModelSpec, console: Console):
         "model": {"path": lm.path, "format": lm.format, "sha256": lm.sha256},
         "n_params": P,
         "dtype": dtype,
-        "params": [{"name": n, "shape": list(s), "size": z} for n, s, z in zip(names, shapes, sizes)],
+        "params": [{"name": n, "shape": list(s), "size": z, "frozen": n in frozen} for n, s, z in zip(names, shapes, sizes)],
+        "tied": tied,
         "blocks": [{"name": b.name, "size": b.size, "params": [names[i] for i in b.tensors],
                     "dense_bytes": dense_bytes([b.size], itemsize, False)} for b in blocks],
         "full_bytes": full_bytes,
@@ -78,11 +97,18 @@ def inspect_model(spec: ModelSpec, console: Console):
 
     def render():
         t = Table(title=f"{lm.path} ({lm.format}, {dtype})", title_justify="left")
-        for c, j in (("parameter", "left"), ("shape", "left"), ("size", "right")):
+        for c, j in (("parameter", "left"), ("shape", "left"), ("size", "right"), ("", "left")):
             t.add_column(c, justify=j)
+        alias_of = {}
+        for d in tied:
+            alias_of.setdefault(d["tied_to"], []).append(d["name"])
         for n, s, z in zip(names, shapes, sizes):
-            t.add_row(n, "×".join(map(str, s)) or "scalar", fmt_num(z))
+            mark = ["frozen (requires_grad=False)"] if n in frozen else []
+            mark += [f"tied: {', '.join(alias_of[n])}"] if n in alias_of else []
+            t.add_row(n, "×".join(map(str, s)) or "scalar", fmt_num(z), "; ".join(mark))
         console.print(t)
+        if frozen & set(names):
+            console.print(f"{len(frozen & set(names))} frozen tensor(s) included; --trainable-only leaves them out")
         bt = Table(title="blocks (--blocks module)", title_justify="left")
         for c, j in (("block", "left"), ("size", "right"), ("dense memory", "right")):
             bt.add_column(c, justify=j)

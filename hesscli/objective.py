@@ -460,6 +460,12 @@ class Objective:
             else:
                 grads = [None] * len(self.theta)
         self.info.unused = [n for n, g in zip(self.names, grads) if g is None]
+        for n, g in zip(self.names, grads):
+            if g is not None and not torch.isfinite(g.to_dense() if g.is_sparse else g).all():
+                raise HesscliError(
+                    f"the gradient of the loss w.r.t. parameter '{n}' contains NaN or Inf although the loss is finite "
+                    "(an op whose derivative is undefined at these inputs, e.g. sqrt or norm at 0); its Hessian is undefined"
+                )
         gen = torch.Generator().manual_seed(20240611)
         scale_all = math.sqrt(sum(float((p.double() ** 2).sum()) for p in self._plain) / max(self.P, 1)) or 1.0
         dirs = []
