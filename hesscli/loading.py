@@ -276,20 +276,25 @@ def parse_arch_kwargs(text: str | None) -> dict:
     return val
 
 
-def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, stripped: str | None = None) -> list[str]:
     """``load_state_dict(strict=True)`` with an error that lists missing, extra and misshaped keys.
 
     A key missing from ``state`` whose parameter is tied in ``model`` to one that is present is
     filled from it (``safetensors.torch.save_model`` stores a tied tensor once). Returns notes."""
     expected = model.state_dict()
     notes = []
-    aliases = _tied_aliases(model)
-    filled = [k for k in expected if k not in state and aliases.get(k) in state]
+    ties = _tie_groups(model)
+    filled = {}
+    for k in expected:
+        if k not in state:
+            present = [n for n in ties.get(k, ()) if n in state]
+            if present:
+                filled[k] = present[0]
     if filled:
         state = dict(state)
-        for k in filled:
-            state[k] = state[aliases[k]]
-        notes.append("tied weights stored once: " + ", ".join(f"{k} = {aliases[k]}" for k in filled))
+        for k, src in filled.items():
+            state[k] = state[src]
+        notes.append("tied weights stored once: " + ", ".join(f"{k} = {src}" for k, src in filled.items()))
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     bad = [
@@ -305,7 +310,7 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
     if bad:
         problems.append("wrong shapes: " + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
     if problems:
-        pre = _common_prefix(state)
+        pre = stripped or _common_prefix(state)
         hint = f" (every key in the file starts with '{pre}'; without it they still do not fit)" if pre else ""
         raise HesscliError(f"weights in '{source}' do not fit the architecture: " + "; ".join(problems) + hint)
     with torch.no_grad():
@@ -313,16 +318,12 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
     return notes
 
 
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    """Each parameter name that is an alias of an earlier one (the same tensor), to that one."""
-    first: dict[int, str] = {}
-    out = {}
+def _tie_groups(model: nn.Module) -> dict[str, list[str]]:
+    """For each parameter name of a tied tensor, every name of that tensor (in named order)."""
+    names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            out[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return out
+        names.setdefault(id(p), []).append(name)
+    return {n: group for group in names.values() if len(group) > 1 for n in group}
 
 
 def _common_prefix(state: dict) -> str | None:
@@ -601,7 +602,7 @@ def load_model(
     state, prefix = _strip_prefixes(model, state)
     if prefix:
         lm.notes.append(f"every key in '{p.name}' starts with '{prefix}' (saved from DataParallel/DDP or torch.compile); loaded without it")
-    lm.notes.extend(load_weights_into(model, state, str(p)))
+    lm.notes.extend(load_weights_into(model, state, str(p), prefix))
     sparse = _sparse_embeddings_dense(model)
     if sparse:
         lm.notes.append(f"sparse embeddings computed with dense gradients (same function): {', '.join(sparse)}")
