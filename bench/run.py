@@ -1,6 +1,6 @@
 """hesscli against the naive methods and the peers, side by side; writes bench/RESULTS.md.
 
-    python bench/run.py [--quick] [--device cpu|cuda] [--only dense,process,hvp,spectral,roofline]
+    python bench/run.py [--quick] [--device cpu|cuda] [--only dense,process,hvp,spectral,roofline,layernorm]
 
 Every measurement runs in a fresh process (bench/worker.py) so that peak memory is the method's
 own; see bench/README.md for the cases and what each column means.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 import cases  # noqa: E402
 
 PY = sys.executable
-SECTIONS = ["dense", "process", "hvp", "spectral", "roofline"]
+SECTIONS = ["dense", "process", "hvp", "spectral", "roofline", "layernorm"]
 HC = "hesscli"
 NOSYM = "hesscli (no symmetry)"
 HCA = "hesscli (autograd engine)"
@@ -171,6 +171,29 @@ def run_spectral(cfg) -> dict:
         out["methods"][method] = r
         log("  " + (r["failed"] if "failed" in r else f"top-20 {r['eig_seconds']:.2f} s err {r['eig_error']:.1e}"))
     return out
+
+
+def run_layernorm(cfg) -> str | None:
+    """bench/layernorm.py in its own process (issue 10: who is right on a LayerNorm MLP, and the whole
+    ``hesscli spectrum`` process against curvlinops + eigsh); its markdown section, or a note."""
+    if not str(cfg.device).startswith("cpu"):
+        log("layernorm: CPU only, skipped (the section already in RESULTS.md is kept)")
+        return None
+    import layernorm
+
+    with tempfile.TemporaryDirectory(prefix="hesscli-bench-ln-") as tmp:
+        out = Path(tmp) / "section.md"
+        cmd = [PY, str(HERE / "layernorm.py"), "--out", str(out), "--workdir", str(Path(tmp) / "work")]
+        if cfg.quick:
+            cmd.append("--quick")
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, timeout=1800 if cfg.quick else 3600, stdout=subprocess.DEVNULL,
+                               stderr=None)
+        except subprocess.TimeoutExpired:
+            return f"{layernorm.HEADING}\n\nNot measured: bench/layernorm.py timed out.\n"
+        if p.returncode != 0 or not out.exists():
+            return f"{layernorm.HEADING}\n\nNot measured: bench/layernorm.py exited with {p.returncode}.\n"
+        return out.read_text()
 
 
 def run_roofline(cfg) -> dict:
@@ -454,13 +477,20 @@ def main() -> int:
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     res = {}
+    old_text = Path(a.out).read_text() if Path(a.out).exists() else ""
     for s in SECTIONS:
         if s in only:
             res[s] = globals()[f"run_{s}"](cfg)
     load1 = os.getloadavg()[0]
+    ln_section = res.pop("layernorm", None)
     (HERE / ("results-quick.json" if a.quick else "results.json")).write_text(json.dumps(res, indent=1, default=str))
     text = report(cfg, res, (load0, load1))
     text += f"\nTotal benchmark time {time.perf_counter() - t0:.0f} s.\n"
+    import layernorm
+
+    ln_section = ln_section or layernorm.extract_section(old_text)  # not run this time: keep the last one
+    if ln_section:
+        text = layernorm.insert_section(text, ln_section)
     Path(a.out).write_text(text)
     log(f"wrote {a.out} ({time.perf_counter() - t0:.0f} s)")
     return 0
