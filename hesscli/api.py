@@ -79,7 +79,6 @@ def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
         ds = full.split(comm.rank, comm.world) if comm is not None and split == "data" else full
         first = ds.first(4)
         example = full.first(8) if first is None else None  # this rank has no data
-    torch.manual_seed(spec.seed)
     obj = Objective(
         lm.module,
         ds,

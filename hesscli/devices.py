@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .errors import HesscliError, UsageError
@@ -41,8 +43,18 @@ def resolve_dtype(spec: str | None, param_dtypes: list[torch.dtype]) -> torch.dt
     return table[spec]
 
 
-def no_tf32() -> None:
-    """TF32 loses about three digits of a float32 Hessian on CUDA: off for hesscli's work."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+@contextlib.contextmanager
+def no_tf32():
+    """TF32 loses about three digits of a float32 Hessian on CUDA: off inside this context (every
+    evaluation and product of :class:`~hesscli.objective.Objective`), and the caller's settings
+    restored on exit."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

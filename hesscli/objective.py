@@ -207,7 +207,6 @@ class Objective:
             self.dtype = dtype
         else:
             self.dtype = resolve_dtype(dtype, [p.dtype for _, p in everything])
-        no_tf32()
         self.tied = _tied(module)
         frozen = [n for n, p in everything if not p.requires_grad]
         _cast_in_place(module, self.device, self.dtype)
@@ -275,8 +274,10 @@ class Objective:
     def evaluating(self):
         """Context for every evaluation: :func:`hesscli.safeops.second_order_safe`, and for a
         TorchScript module the graph executor's optimisation off (its profiling executor
-        specialises graphs after warm-up, NOTES.md; eager interpretation is what autograd sees)."""
+        specialises graphs after warm-up, NOTES.md; eager interpretation is what autograd sees),
+        and TF32 off on CUDA. Every setting is the caller's again on exit."""
         with contextlib.ExitStack() as st:
+            st.enter_context(no_tf32())
             if self.is_script:
                 st.enter_context(torch.jit.optimized_execution(False))
             st.enter_context(second_order_safe())
@@ -663,12 +664,13 @@ class Objective:
         base = self.offsets[idx[0]]
         parts = [V[:, self.offsets[t] - base : self.offsets[t + 1] - base].reshape((k,) + self.shapes[t]) for t in idx]
         acc = torch.zeros(k, V.shape[1], dtype=self.dtype, device=self.device)
-        for lin in self.linearizations():
-            if k == 1:
-                res = lin.apply([p[0] for p in parts], idx, idx, batched=False)
-            else:
-                res = lin.apply(parts, idx, idx, batched=True)
-            acc += torch.cat([r.reshape(k, -1) for r in res], dim=1)
+        with no_tf32():
+            for lin in self.linearizations():
+                if k == 1:
+                    res = lin.apply([p[0] for p in parts], idx, idx, batched=False)
+                else:
+                    res = lin.apply(parts, idx, idx, batched=True)
+                acc += torch.cat([r.reshape(k, -1) for r in res], dim=1)
         acc *= self.scale
         if self.comm is not None:
             self.comm.all_reduce(acc)
