@@ -75,7 +75,8 @@ def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
     with _stage(comm):  # errors here may hit some ranks only: all ranks agree before going on
         kwargs = spec.arch_kwargs if isinstance(spec.arch_kwargs, dict) else parse_arch_kwargs(spec.arch_kwargs)
         lm = load_model(spec.model, spec.arch, kwargs if spec.arch_kwargs is not None else None, spec.trust_code)
-        full = load_dataset(spec.data, spec.input_key, spec.target_key)
+        causal = lm.hf is not None and lm.hf.head == "causal_lm"
+        full = load_dataset(spec.data, spec.input_key, spec.target_key, accepts=lm.forward_arguments(), derive_labels=causal)
         ds = full.split(comm.rank, comm.world) if comm is not None and split == "data" else full
         first = ds.first(4)
         example = full.first(8) if first is None else None  # this rank has no data
@@ -93,9 +94,10 @@ def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
         output_key=spec.output_key,
         trainable_only=spec.trainable_only,
         static_batch=lm.static_batch,
+        head=lm.hf,
         **({"example": example} if example is not None else {}),
     )
-    obj.info.notes[:0] = lm.notes
+    obj.info.notes[:0] = lm.notes + full.notes
     if comm is not None:
         comm.check_setup(obj, ds.n_samples)
         _merge_unused(obj, comm, has_data=first is not None)

@@ -26,7 +26,7 @@ from .loading import (
     zip_kind,
 )
 
-__all__ = ["Shard", "Dataset", "load_dataset", "KEY_PAIRS"]
+__all__ = ["Shard", "Dataset", "load_dataset", "take", "KEY_PAIRS"]
 
 KEY_PAIRS = (("inputs", "targets"), ("x", "y"), ("input", "target"), ("input_ids", "labels"))
 
@@ -91,9 +91,21 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor] | tuple[torch.Tensor, to
     raise HesscliError(f"data file '{path}' is not a format hesscli knows (.pt from torch.save, .safetensors, .npz)")
 
 
+def derived_labels(content: dict) -> torch.Tensor:
+    """Labels of a causal-LM shard that has none: ``input_ids`` with the positions the attention
+    mask hides set to -100 (SPEC.md, Data shards)."""
+    labels = content["input_ids"].clone()
+    mask = content.get("attention_mask")
+    if mask is not None:
+        labels[mask == 0] = -100
+    return labels
+
+
 def pick_keys(
-    content: dict | tuple, path: Path, input_key: str | None, target_key: str | None
+    content: dict | tuple, path: Path, input_key: str | None, target_key: str | None, derive_labels: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, str, str]:
+    if derive_labels and isinstance(content, dict) and "input_ids" in content and "labels" not in content and not (input_key or target_key):
+        return content["input_ids"], derived_labels(content), "input_ids", "labels"
     if isinstance(content, tuple):
         if input_key or target_key:
             raise HesscliError(f"data file '{path}' holds a pair (inputs, targets), not named keys; drop --input-key/--target-key")
@@ -129,6 +141,7 @@ class Shard:
     n_samples: int
     input_key: str
     target_key: str
+    extra: tuple[str, ...] = ()  # further keys passed to the model by name, with the input
     start: int = 0
     stop: int | None = None  # sample range of the file this shard covers (distributed split)
 
@@ -147,6 +160,8 @@ class Dataset:
     target_key: str | None = None
     _cache: dict = field(default_factory=dict, repr=False)
     _cache_ok: bool = True
+    derive_labels: bool = False  # a causal LM: labels from input_ids where the shard has none
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_samples(self) -> int:
@@ -156,7 +171,8 @@ class Dataset:
         if shard.path in self._cache:
             return self._cache[shard.path]
         content = read_tensors(Path(shard.path))
-        x, y, _, _ = pick_keys(content, Path(shard.path), self.input_key, self.target_key)
+        x, y, _, _ = pick_keys(content, Path(shard.path), self.input_key, self.target_key, self.derive_labels)
+        x = _with_keywords(x, content, shard.input_key, shard.extra)
         if self._cache_ok:
             self._cache[shard.path] = (x, y)
         return x, y
@@ -172,7 +188,7 @@ class Dataset:
             for s in range(shard.start, stop, step):
                 e = min(s + step, stop)
                 self.current = (shard.path, s, e)
-                yield x[s:e], y[s:e]
+                yield take(x, s, e), y[s:e]
 
     def where(self) -> str:
         """Where the piece being processed comes from, for error messages."""
@@ -192,7 +208,7 @@ class Dataset:
             if shard.size:
                 x, y = self._load(shard)
                 e = min(shard.start + n, shard.stop or shard.n_samples)
-                return x[shard.start : e], y[shard.start : e]
+                return take(x, shard.start, e), y[shard.start : e]
         return None
 
     def split(self, rank: int, world: int) -> Dataset:
@@ -211,24 +227,48 @@ class Dataset:
                 if a < b:
                     mine.append(replace(s, start=s.start + a - off, stop=s.start + b - off))
                 off += s.size
-        return Dataset(mine, self.input_key, self.target_key, self._cache, self._cache_ok)
+        return Dataset(mine, self.input_key, self.target_key, self._cache, self._cache_ok, self.derive_labels, self.notes)
 
     def describe(self) -> list[dict]:
         return [{"path": s.path, "sha256": s.sha256, "n_samples": s.size} for s in self.shards]
 
 
-def load_dataset(paths: list[str | os.PathLike], input_key: str | None = None, target_key: str | None = None) -> Dataset:
+def take(x, s: int, e: int):
+    """Samples s..e-1 of inputs that are a tensor or a dict of tensors (keyword inputs)."""
+    if isinstance(x, dict):
+        return {k: v[s:e] for k, v in x.items()}
+    return x[s:e]
+
+
+def _with_keywords(x: torch.Tensor, content, input_key: str, extra: tuple[str, ...]):
+    if not extra:
+        return x
+    return {input_key: x, **{k: content[k] for k in extra}}
+
+
+def load_dataset(
+    paths: list[str | os.PathLike],
+    input_key: str | None = None,
+    target_key: str | None = None,
+    accepts: set[str] | None = None,
+    derive_labels: bool = False,
+) -> Dataset:
     """Open every shard once, check its keys and lengths, and describe it (the tensors stay cached
-    when the files are small)."""
+    when the files are small).
+
+    ``accepts``: the argument names of the model's ``forward``; keys of a shard beyond the
+    input/target pair that it names are passed by name (keyword inputs: ``attention_mask``,
+    ``token_type_ids``, ...), sliced with the samples. ``derive_labels``: a causal LM, whose shards
+    may hold no labels (then ``input_ids`` with masked positions set to -100)."""
     if not paths:
         raise UsageError("no data: pass --data FILE (one or more)")
     shards = []
     total_bytes = 0
-    ds = Dataset([], input_key, target_key)
+    ds = Dataset([], input_key, target_key, derive_labels=derive_labels)
     for raw in paths:
         p = Path(raw)
         content = read_tensors(p)
-        x, y, ik, tk = pick_keys(content, p, input_key, target_key)
+        x, y, ik, tk = pick_keys(content, p, input_key, target_key, derive_labels)
         for name, t in (("inputs", x), ("targets", y)):
             if t.dim() == 0:
                 raise HesscliError(f"data file '{p}': {name} '{ik if name == 'inputs' else tk}' is a scalar; the first dimension must index samples")
@@ -242,9 +282,23 @@ def load_dataset(paths: list[str | os.PathLike], input_key: str | None = None, t
             raise HesscliError(f"data file '{p}': inputs '{ik}' contain NaN or Inf (first at sample {bad})")
         if y.is_floating_point() and not torch.isfinite(y).all():
             raise HesscliError(f"data file '{p}': targets '{tk}' contain NaN or Inf")
+        extra: tuple[str, ...] = ()
+        if accepts and isinstance(content, dict):
+            extra = tuple(k for k in content if k not in (ik, tk) and k in accepts)
+            for k in extra:
+                t = content[k]
+                if t.dim() == 0 or t.shape[0] != x.shape[0]:
+                    raise HesscliError(
+                        f"data file '{p}': '{k}' {tuple(t.shape)} does not have the {x.shape[0]} samples of '{ik}' {tuple(x.shape)}"
+                    )
+            mask = content.get("attention_mask") if "attention_mask" in extra else None
+            if mask is not None and mask.dim() == 2 and "position_ids" not in extra and bool(((mask[:, 0] == 0) & (mask[:, -1] != 0)).any()):
+                ds.notes.append(
+                    f"data file '{p}' is left-padded and has no position_ids: the positions of its tokens depend on the padding"
+                )
         total_bytes += x.numel() * x.element_size() + y.numel() * y.element_size()
-        shards.append(Shard(str(p), file_sha256(p), int(x.shape[0]), ik, tk))
-        ds._cache[str(p)] = (x, y)
+        shards.append(Shard(str(p), file_sha256(p), int(x.shape[0]), ik, tk, extra))
+        ds._cache[str(p)] = (_with_keywords(x, content, ik, extra), y)
     if sum(s.n_samples for s in shards) == 0:
         raise HesscliError("the data holds no samples: " + ", ".join(str(p) for p in paths))
     ds.shards = shards

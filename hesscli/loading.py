@@ -452,9 +452,22 @@ class LoadedModel:
     arch: str | None = None
     notes: list[str] = field(default_factory=list)
     static_batch: int | None = None
+    hf: Any = None  # hesscli.hf.HFInfo for a Hugging Face directory
 
     def named_parameters(self):
         return list(self.module.named_parameters())
+
+    def forward_arguments(self) -> set[str] | None:
+        """The argument names of the model's ``forward`` (keyword inputs), None where unknown."""
+        import inspect
+
+        if isinstance(self.module, torch.jit.ScriptModule):
+            return None
+        try:
+            params = inspect.signature(self.module.forward).parameters
+        except (TypeError, ValueError):
+            return None
+        return {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def _static_batch(ep) -> int | None:
@@ -549,6 +562,12 @@ def load_model(
     Raises :class:`HesscliError` (unreadable or mismatched file) or :class:`UsageError` (a weights
     file without ``--arch``), naming the file."""
     p = Path(path)
+    from .hf import hf_fingerprint, is_hf_directory, load_hf_directory
+
+    if is_hf_directory(p):
+        module, info, notes = load_hf_directory(p)
+        return LoadedModel(path=str(p), format="huggingface", sha256=hf_fingerprint(p), module=module,
+                           arch=info.class_name, notes=notes, hf=info)
     fmt = detect_format(p)
     sha = file_sha256(p)
     lm = LoadedModel(path=str(p), format=fmt, sha256=sha)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .errors import HesscliError, UsageError
 
-__all__ = ["Loss", "LOSSES", "resolve_loss", "IGNORE_INDEX"]
+__all__ = ["Loss", "LOSSES", "resolve_loss", "causal_lm_loss", "IGNORE_INDEX"]
 
 LOSSES = ("auto", "cross_entropy", "mse", "nll", "bce_with_logits", "model")
 IGNORE_INDEX = -100
@@ -31,9 +31,20 @@ class Loss:
     name: str
     reduction: str = "mean"
     class_dim: str = "second"  # "second" (N, C, ...) or "last" (..., C), for cross_entropy and nll
+    shift: int = 0  # 1: next-token prediction, outputs[:, :-1] against targets[:, 1:] (causal LM)
+    reshape_targets: bool = False  # targets (N,) against outputs (N, 1): a one-label regression head
+
+    def _shifted(self, outputs, targets):
+        if self.reshape_targets and targets.numel() == outputs.numel():
+            targets = targets.reshape(outputs.shape)
+        if self.shift:
+            return outputs[:, : -self.shift], targets[:, self.shift :]
+        return outputs, targets
 
     def count(self, outputs_shape: torch.Size, targets: torch.Tensor) -> int:
         """The number of loss terms this piece contributes (targets only; no model call)."""
+        if self.shift:
+            targets = targets[:, self.shift :]
         if self.name in ("cross_entropy", "nll"):
             return int((targets != IGNORE_INDEX).sum())
         if self.name in ("mse", "bce_with_logits"):
@@ -42,6 +53,7 @@ class Loss:
 
     def total(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The sum of this piece's loss terms."""
+        outputs, targets = self._shifted(outputs, targets)
         if self.name in ("cross_entropy", "nll"):
             fn = F.cross_entropy if self.name == "cross_entropy" else F.nll_loss
             if self.class_dim == "last" and outputs.dim() > 2:
@@ -80,6 +92,18 @@ def _classification(name: str, outputs, targets, loss_flag: str) -> Loss:
                 f"(outputs {_shape(outputs)}; {IGNORE_INDEX} marks ignored targets)"
             )
     return Loss(name, class_dim=class_dim)
+
+
+def causal_lm_loss(reduction: str, outputs: torch.Tensor, targets: torch.Tensor) -> Loss:
+    """Next-token cross-entropy of a causal language model (SPEC.md, Loss: ``*ForCausalLM``):
+    logits (N, L, V) at positions 0..L-2 against labels (N, L) at 1..L-1, -100 ignored; the loss
+    terms are the predicted tokens."""
+    if outputs.dim() != 3 or targets.dim() != 2 or tuple(outputs.shape[:2]) != tuple(targets.shape):
+        raise HesscliError(
+            f"a causal language model needs logits (N, L, V) and labels (N, L); found outputs {_shape(outputs)}, labels {_shape(targets)}"
+        )
+    _classification("cross_entropy", outputs[:, :-1], targets[:, 1:], "the causal-LM loss")
+    return Loss("cross_entropy", reduction, "last", shift=1)
 
 
 def resolve_loss(name: str, reduction: str, outputs: torch.Tensor, targets: torch.Tensor) -> Loss:

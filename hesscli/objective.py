@@ -34,7 +34,7 @@ import math
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -44,9 +44,9 @@ from .data import Dataset
 from .devices import no_tf32, resolve_device, resolve_dtype
 from .errors import HesscliError, UsageError
 from .loading import reason
-from .losses import Loss, resolve_loss
+from .losses import Loss, causal_lm_loss, resolve_loss
 from .outputs import model_loss, prediction
-from .safeops import second_order_safe
+from .safeops import float64_everywhere, second_order_safe
 
 __all__ = ["Objective", "Linearization", "ParamBlock", "ENGINES", "param_blocks", "asymmetry_tolerance"]
 
@@ -177,6 +177,7 @@ class Objective:
         output_key: str | None = None,
         static_batch: int | None = None,
         copy: bool = False,
+        head=None,
     ):
         if engine not in ENGINES:
             raise UsageError(f"--engine '{engine}': choose auto, autograd or chain")
@@ -197,6 +198,7 @@ class Objective:
         self.batch_size = batch_size
         self.comm = comm
         self.output_key = output_key
+        self.head = head  # hesscli.hf.HFInfo of a Hugging Face model: --loss auto follows its head
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         if copy:
             module = _copy_module(module)
@@ -281,24 +283,29 @@ class Objective:
             if self.is_script:
                 st.enter_context(torch.jit.optimized_execution(False))
             st.enter_context(second_order_safe())
+            st.enter_context(float64_everywhere(self.dtype == torch.float64 and not self.is_script))
             yield
 
     def _move(self, x, y: torch.Tensor) -> tuple:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            x = x.to(self.dtype)
-        if y.is_floating_point():
-            y = y.to(self.dtype)
-        xd = x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x
-        return xd, y.to(self.device, non_blocking=True)
+        def move(t):
+            if t.is_floating_point():
+                t = t.to(self.dtype)
+            return t.to(self.device, non_blocking=True)
+
+        xd = {k: move(v) for k, v in x.items()} if isinstance(x, dict) else move(x)
+        return xd, move(y)
 
     def _raw(self, *args):
         try:
+            if isinstance(args[0], dict):  # keyword inputs; the target of --loss model as labels=
+                return self.module(**args[0], **({"labels": args[1]} if len(args) > 1 else {}))
             return self.module(*args)
         except HesscliError:
             raise
         except Exception as e:
             x = args[0]
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else "?"
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else (
+                "{" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in x.items()) + "}" if isinstance(x, dict) else "?")
             hint = ""
             if self.static_batch is not None:
                 hint = f" (the torch.export archive accepts batches of exactly {self.static_batch} samples)"
@@ -354,7 +361,7 @@ class Objective:
                 with torch.no_grad(), self.evaluating():
                     xe, ye = self._example
                     out = prediction(self.forward(self._move(xe, ye)[0]), self.output_key)
-                    self.loss = resolve_loss(loss_name, reduction, out, ye)
+                    self.loss = self._resolve(loss_name, reduction, out, ye)
         counts: list[float] = []
         total = 0.0
         mean_pieces = 0
@@ -367,7 +374,7 @@ class Objective:
                     model_loss(out0, _n(x0))  # readable as a loss: fail here, before any work
                 else:
                     out0 = self.forward(x0)
-                    self.loss = resolve_loss(loss_name, reduction, prediction(out0, self.output_key), first[1])
+                    self.loss = self._resolve(loss_name, reduction, prediction(out0, self.output_key), first[1])
                 if check:
                     self._check_model(x0, y0, out0)
             for x, y in self.data.pieces(self.batch_size):
@@ -379,7 +386,7 @@ class Objective:
                 else:
                     xd = self._move(x, y[:0])[0]
                     out = prediction(self.forward(xd), self.output_key)
-                    resolve_loss(self.loss.name, reduction, out, y)  # checks the targets on the CPU
+                    self._resolve(self.loss, reduction, out, y)  # checks the targets on the CPU
                     yd = self._move(x[:0] if isinstance(x, torch.Tensor) else x, y)[1]
                     c = float(self.loss.count(out.shape, y))
                     s = self.loss.total(out, yd)
@@ -418,6 +425,42 @@ class Objective:
             raise UsageError("--engine chain needs one of hesscli's losses, not --loss model")
         if first is not None and engine_wanted(self.engine, self.loss.name):
             self._detect_chain(first)
+
+    def _resolve(self, loss: str | Loss, reduction: str, outputs: torch.Tensor, targets: torch.Tensor) -> Loss:
+        """``--loss`` checked against one piece's outputs and (CPU) targets. ``auto`` on a Hugging
+        Face model follows its head (SPEC.md, Loss); a resolved :class:`Loss` is re-checked as it is."""
+        if isinstance(loss, Loss):
+            if loss.shift:
+                return causal_lm_loss(reduction, outputs, targets.cpu())
+            if loss.reshape_targets and targets.numel() == outputs.numel():
+                targets = targets.reshape(outputs.shape)
+            return replace(resolve_loss(loss.name, reduction, outputs, targets.cpu()), reshape_targets=loss.reshape_targets)
+        if loss != "auto" or self.head is None:
+            return resolve_loss(loss, reduction, outputs, targets)
+        head = self.head
+        if head.head == "causal_lm":
+            return causal_lm_loss(reduction, outputs, targets)
+        if head.head in ("masked_lm", "token_classification"):
+            return resolve_loss("cross_entropy", reduction, outputs, targets)
+        if head.head == "sequence_classification":
+            kind = head.problem_type
+            if kind is None:  # as transformers infers it
+                if head.num_labels == 1:
+                    kind = "regression"
+                elif not targets.is_floating_point():
+                    kind = "single_label_classification"
+                else:
+                    kind = "multi_label_classification"
+            if kind == "regression":
+                like = targets.reshape(outputs.shape) if targets.numel() == outputs.numel() else targets
+                return replace(resolve_loss("mse", reduction, outputs, like), reshape_targets=True)
+            if kind == "single_label_classification":
+                return resolve_loss("cross_entropy", reduction, outputs, targets)
+            return resolve_loss("bce_with_logits", reduction, outputs, targets)
+        raise HesscliError(
+            f"--loss auto does not know the loss of {head.class_name}'s head: pass --loss model (the model's own loss) "
+            "or --loss cross_entropy|mse|nll|bce_with_logits (applied to its logits)"
+        )
 
     def _check_model(self, x, y, out0) -> None:
         """Refuse models whose outputs are not finite, are random (dropout baked in) or depend on

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["SecondOrderSafe", "embedding_bag", "second_order_safe"]
+__all__ = ["SecondOrderSafe", "Float64Everywhere", "embedding_bag", "float64_everywhere", "second_order_safe"]
 
 _MODES = {0: "sum", 1: "mean", 2: "max"}
 
@@ -108,6 +108,39 @@ class SecondOrderSafe(TorchFunctionMode):
             self.swapped["embedding(sparse=True)"] = self.swapped.get("embedding(sparse=True)", 0) + 1
             return _dense_embedding(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+_LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _up(a):
+    return torch.float64 if isinstance(a, torch.dtype) and a in _LOW_FLOATS else a
+
+
+class Float64Everywhere(TorchFunctionMode):
+    """Under ``--dtype float64``: no part of the model computes in a lower precision. Casts that a
+    model makes whatever its own dtype (``x.float()``, ``.to(torch.float32)``,
+    ``softmax(..., dtype=torch.float32)``, ``arange(..., dtype=torch.float32)``: transformers'
+    RMSNorm, eager softmax and rotary angles do) are computed in float64 instead — found by the
+    dtype they ask for, not from a list of models."""
+
+    _CASTS = (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._CASTS:
+            return args[0].double()
+        return func(*[_up(a) for a in args], **{k: _up(v) for k, v in kwargs.items()})
+
+
+@contextlib.contextmanager
+def float64_everywhere(on: bool = True):
+    """:class:`Float64Everywhere` when ``on``; nothing otherwise."""
+    if not on:
+        yield
+        return
+    with Float64Everywhere():
+        yield
 
 
 @contextlib.contextmanager
