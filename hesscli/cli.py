@@ -178,7 +178,7 @@ def compute(
     model: Annotated[str, typer.Argument(help="Model file: TorchScript, torch.export (.pt2), safetensors or state_dict.")],
     *,
     mode: Annotated[str, typer.Option("--mode", help="auto, full or block.")] = "auto",
-    blocks: Annotated[str, typer.Option("--blocks", help="Blocks of block mode: module or tensor.")] = "module",
+    blocks: Annotated[str, typer.Option("--blocks", help="Blocks of block mode: module, layer (by the first integer index in the path) or tensor.")] = "module",
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget, e.g. 4GB (default: half of what the process may use).")] = None,
     eigenvectors: Annotated[bool, typer.Option("--eigenvectors", help="Store eigenvectors too.")] = False,
     no_dense: Annotated[bool, typer.Option("--no-dense", help="Do not store the dense matrices.")] = False,
@@ -347,7 +347,7 @@ def _register_optional_commands() -> None:
     """Commands that live in their own modules (matrix-free, merge)."""
     import importlib
 
-    for mod in ("hesscli.cli_matrixfree", "hesscli.cli_merge"):
+    for mod in ("hesscli.cli_matrixfree", "hesscli.cli_merge", "hesscli.cli_batch"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -177,3 +177,105 @@ def load_hf_directory(path: Path) -> tuple[nn.Module, HFInfo, list[str]]:
         model.config.use_cache = False
     model.eval()
     return model, head_of(archs[0], model.config), notes
+
+
+def read_texts(text: Path | None, jsonl: Path | None) -> tuple[list[str], list | None]:
+    """Examples from a text file (one per non-empty line) or a JSON Lines file of objects with a
+    ``text`` and an optional ``label``. Raises :class:`HesscliError` naming the file and line."""
+    if (text is None) == (jsonl is None):
+        from .errors import UsageError
+
+        raise UsageError("give exactly one of --text FILE and --jsonl FILE")
+    src = text if text is not None else jsonl
+    try:
+        lines = Path(src).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HesscliError(f"cannot read '{src}': {e}") from None
+    if text is not None:
+        texts = [ln for ln in lines if ln.strip()]
+        labels = None
+    else:
+        texts, labels = [], []
+        for i, ln in enumerate(lines, 1):
+            if not ln.strip():
+                continue
+            try:
+                obj = json.loads(ln)
+            except ValueError as e:
+                raise HesscliError(f"'{src}' line {i} is not JSON: {e}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise HesscliError(f"'{src}' line {i}: expected an object with a string 'text'")
+            texts.append(obj["text"])
+            labels.append(obj.get("label"))
+        if all(v is None for v in labels):
+            labels = None
+        elif any(v is None for v in labels):
+            raise HesscliError(f"'{src}': line {1 + labels.index(None)} has no 'label' while others have one")
+    if not texts:
+        raise HesscliError(f"'{src}' holds no text")
+    return texts, labels
+
+
+def make_batch(model_dir: Path, texts: list[str], labels: list | None = None, max_length: int | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A data shard for the model of ``model_dir`` from raw text, tokenised by the directory's own
+    tokenizer: ``input_ids`` (N, L) padded to the longest example (at most ``max_length`` tokens,
+    truncated beyond), ``attention_mask`` and what else the tokenizer gives (``token_type_ids``), and
+    labels for the head: a causal LM's ``input_ids`` with -100 on padding; a sequence classifier's
+    ``labels`` (N,) from ``labels`` (integers: classes; floats: regression). Returns (shard, notes)."""
+    if not is_hf_directory(model_dir):
+        raise HesscliError(f"'{model_dir}' is not a Hugging Face model directory (no config.json)")
+    transformers = _transformers()
+    config = json.loads((model_dir / "config.json").read_text())
+    archs = config.get("architectures") or [""]
+    try:
+        with _quiet_transformers():
+            cfg = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+            tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers' own errors: one line
+        from .loading import reason
+
+        raise HesscliError(f"cannot load the tokenizer of '{model_dir}': {reason(e)}") from None
+    info = head_of(archs[0], cfg)
+    notes = []
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise HesscliError(f"the tokenizer of '{model_dir}' has neither a pad nor an eos token to pad with")
+        tok.pad_token = tok.eos_token
+        notes.append("the tokenizer has no pad token: padding with its eos token (masked out)")
+    enc = tok(texts, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt")
+    shard = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    if info.head == "causal_lm":
+        lab = shard["input_ids"].clone()
+        lab[shard["attention_mask"] == 0] = -100
+        shard["labels"] = lab
+        if labels is not None:
+            notes.append("a causal LM predicts its next tokens: the 'label' entries are not used")
+    elif info.head == "sequence_classification":
+        if labels is None:
+            raise HesscliError("a sequence classifier needs a label per example: pass --jsonl with a 'label' on each line")
+        floats = any(isinstance(v, float) for v in labels)
+        shard["labels"] = torch.tensor(labels, dtype=torch.float32 if floats else torch.long)
+    elif labels is not None:
+        raise HesscliError(
+            f"hesscli batch makes labels for causal LMs and sequence classifiers; {archs[0]} needs per-token labels: "
+            "write the shard yourself (a torch.save dict with input_ids, attention_mask, labels)"
+        )
+    return shard, notes
+
+
+def save_shard(shard: dict[str, torch.Tensor], out: Path, force: bool) -> None:
+    """``torch.save`` the shard atomically (a temporary file, then a rename)."""
+    import os
+
+    from .results import check_output
+
+    p = check_output(out, force)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(shard, tmp)
+        os.replace(tmp, p)
+    except OSError as e:
+        raise HesscliError(f"cannot write output '{p}': {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()

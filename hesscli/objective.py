@@ -805,14 +805,21 @@ def _scalar_hvp(lin: Linearization, v: list[torch.Tensor]) -> torch.Tensor:
 
 def param_blocks(names: Sequence[str], offsets: Sequence[int], by: str = "module") -> list[ParamBlock]:
     """Contiguous parameter groups: ``module`` (the tensors of one module together, named after its
-    path; a root parameter after itself), ``tensor`` (one each) or ``all`` (one block)."""
-    if by not in ("module", "tensor", "all"):
-        raise UsageError(f"--blocks '{by}': choose module or tensor")
+    path; a root parameter after itself), ``layer`` (modules grouped by the path up to the first
+    integer index, ``encoder.layer.3``; modules without one stay one block each), ``tensor`` (one
+    each) or ``all`` (one block)."""
+    if by not in ("module", "layer", "tensor", "all"):
+        raise UsageError(f"--blocks '{by}': choose module, layer or tensor")
     if by == "all":
         return [ParamBlock("all", tuple(range(len(names))), 0, offsets[-1])]
     groups: list[tuple[str, list[int]]] = []
     for i, n in enumerate(names):
         key = n if by == "tensor" else (n.rpartition(".")[0] or n)
+        if by == "layer":
+            parts = n.split(".")
+            num = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
+            if num is not None:
+                key = ".".join(parts[: num + 1])
         if groups and groups[-1][0] == key:
             groups[-1][1].append(i)
         else:
