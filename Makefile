@@ -25,8 +25,11 @@ demo: install ## Run hesscli on the bundled digits MLP checkpoint
 	$(BIN)/hesscli compute $(SAMPLES)/digits_mlp.pt --data $(SAMPLES)/digits.pt -o demo-out/hessian.npz --force
 	$(BIN)/hesscli spectrum demo-out/hessian.npz --top-k 5 -o demo-out/spectrum.npz --force
 
-test: install ## Run the test suite
+test: install ## Run the whole test suite, slow tests included
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install ## The quick suite: every test not marked slow
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: install ## ruff check
 	$(BIN)/ruff check hesscli tests bench $(SAMPLES)

@@ -5,12 +5,27 @@ A source resolves to one or more named symmetric operators (:mod:`hesscli.operat
 Hessian, or with ``--per-block`` (and always for a block-mode result file) one diagonal block per
 module. The algorithms (:mod:`hesscli.lanczos`, :mod:`hesscli.trace`, :mod:`hesscli.density`)
 consume those; this module resolves the source, runs them, writes the result and formats it.
+
+Per-block answers (``--per-block``, or a block-mode result file) describe the block-diagonal part
+of H, not H: their ``meta`` and JSON say ``"approximation": "block-diagonal"`` and their tables say so.
+
+A result file's stored eigenvalues are answers, not work to redo: ``spectrum`` on a full- or
+block-mode file selects the wanted pairs from the stored ``eigenvalues`` without any
+eigendecomposition (the matrix is read only when it is needed). Their residuals are measured
+against the stored matrix when the file also holds the eigenvectors (``compute --eigenvectors``);
+without stored eigenvectors they are not measured (NaN in the file, null in the JSON) and the pairs
+count as converged: they come from ``compute``'s ``eigh``, a direct method, whose accuracy is
+``meta.negative_threshold``'s rounding level, not ``--tol``'s. Only ``--eigenvectors`` on a file
+without stored eigenvectors needs an ``eigh`` of the stored matrix.
 """
 
 
+import enum
+import functools
 import math
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,14 +41,51 @@ from .operators import DenseOperator, HessianOperator, SymOperator
 SOURCE_HELP = "A result file from 'hesscli compute' (default: hessian.npz) or a model file (then --data is needed)."
 
 
+BLOCK_DIAGONAL = "block-diagonal"
+
+
+class Which(str, enum.Enum):
+    largest = "largest"
+    smallest = "smallest"
+    both = "both"
+    magnitude = "magnitude"
+
+
+class TraceMethod(str, enum.Enum):
+    auto = "auto"
+    exact = "exact"
+    hutchinson = "hutchinson"
+    hutchpp = "hutchpp"
+    xtrace = "xtrace"
+
+
 @dataclass
 class Target:
+    """One operator to answer for: the whole Hessian or one diagonal block (columns start:stop).
+
+    A model's target has its operator ``op``; a result file's target reads its arrays on first use:
+    ``matrix()`` (the stored Hessian, or None) and ``vectors()`` (the stored eigenvectors, or None)."""
+
     name: str
     start: int
     stop: int
-    op: SymOperator | None
-    eigenvalues: np.ndarray | None = None  # stored (a result file without matrices)
-    trace: float | None = None
+    op: SymOperator | None = None
+    eigenvalues: np.ndarray | None = None  # stored (ascending)
+    trace: float | None = None  # stored
+    matrix: Callable[[], np.ndarray | None] | None = None  # reads the stored matrix (None: not stored)
+    vectors: Callable[[], np.ndarray | None] | None = None  # reads the stored eigenvectors (columns)
+
+    @property
+    def has_matrix(self) -> bool:
+        return self.op is not None or self.matrix is not None
+
+    def operator(self) -> SymOperator | None:
+        """The operator, a stored matrix read (and wrapped) on first use; None when there is none."""
+        if self.op is None and self.matrix is not None:
+            H = self.matrix()
+            self.matrix = None
+            self.op = DenseOperator(H) if H is not None else None
+        return self.op
 
 
 @dataclass
@@ -81,6 +133,11 @@ def open_source(source: str | None, spec_kw: dict, per_block: bool, command: str
     return src
 
 
+def _reader(rf, key: str) -> Callable[[], np.ndarray | None] | None:
+    """A function that reads ``key`` from the result file when called (None when it is not stored)."""
+    return (lambda: rf[key]) if key in rf else None
+
+
 def _result_source(path: str, per_block: bool, command: str) -> Source:
     from .objective import param_blocks
     from .results import command_line, read_result, utc_now
@@ -91,27 +148,26 @@ def _result_source(path: str, per_block: bool, command: str) -> Source:
     index = {k: rf[k] for k in ("param_names", "param_offsets") if k in rf}
     targets: list[Target] = []
     if mode == "full":
-        H = rf.get("hessian")
         if per_block:
             names = [str(s) for s in rf["param_names"]]
             offs = [int(o) for o in rf["param_offsets"]]
+            full = functools.cache(_reader(rf, "hessian")) if "hessian" in rf else None  # read once for every block
             for b in param_blocks(names, offs, "module"):
-                op = DenseOperator(H[b.start : b.stop, b.start : b.stop]) if H is not None else None
-                targets.append(Target(b.name, b.start, b.stop, op))
+                sub = (lambda b=b: full()[b.start : b.stop, b.start : b.stop]) if full is not None else None
+                targets.append(Target(b.name, b.start, b.stop, matrix=sub))
         else:
             P = int(rf["param_offsets"][-1]) if "param_offsets" in rf else len(rf["eigenvalues"])
-            targets.append(Target("all", 0, P, DenseOperator(H) if H is not None else None,
-                                  rf.get("eigenvalues"), float(rf["trace"]) if "trace" in rf else None))
-        approximation = None
+            targets.append(Target("all", 0, P, None, rf.get("eigenvalues"), float(rf["trace"]) if "trace" in rf else None,
+                                  matrix=_reader(rf, "hessian"), vectors=_reader(rf, "eigenvectors")))
     elif mode == "block":
         offs = [int(o) for o in rf["block_offsets"]]
         for i, name in enumerate(rf.block_names):
-            H = rf.get(f"blocks/{name}/hessian")
-            tr = rf.get(f"blocks/{name}/trace")
-            targets.append(Target(name, offs[i], offs[i + 1], DenseOperator(H) if H is not None else None,
-                                  rf.get(f"blocks/{name}/eigenvalues"), float(tr) if tr is not None else None))
+            p = f"blocks/{name}/"
+            tr = rf.get(p + "trace")
+            targets.append(Target(name, offs[i], offs[i + 1], None, rf.get(p + "eigenvalues"),
+                                  float(tr) if tr is not None else None,
+                                  matrix=_reader(rf, p + "hessian"), vectors=_reader(rf, p + "eigenvectors")))
         per_block = True
-        approximation = "block-diagonal"
     else:
         raise HesscliError(f"'{path}' is a '{meta.get('command')}' result; {command} reads compute results (full or block mode)")
     meta.update(
@@ -123,7 +179,7 @@ def _result_source(path: str, per_block: bool, command: str) -> Source:
     )
     for k in ("max_memory", "chunk_size", "symmetric", "hessian_seconds"):
         meta.pop(k, None)
-    return Source("result", path, targets, meta, per_block, approximation, index)
+    return Source("result", path, targets, meta, per_block, BLOCK_DIAGONAL if per_block else None, index)
 
 
 def _model_source(path: str, spec_kw: dict, per_block: bool, command: str, comm=None) -> Source:
@@ -153,7 +209,7 @@ def _model_source(path: str, spec_kw: dict, per_block: bool, command: str, comm=
         for t in targets:
             t.op.chunk = int(comm.minimum(t.op.chunk))
     index = {"param_names": np.array(obj.names, dtype=str), "param_offsets": np.array(obj.offsets, dtype=np.int64)}
-    return Source("model", path, targets, meta, per_block, None, index, objective=obj)
+    return Source("model", path, targets, meta, per_block, BLOCK_DIAGONAL if per_block else None, index, objective=obj)
 
 
 def _start(common: Common, default_out: str):
@@ -181,11 +237,14 @@ def _hvps(src: Source) -> int:
     return int(src.objective.hvps) if src.objective is not None else 0
 
 
-def _finish(src: Source, arrays: dict, meta_extra: dict, out: str, force: bool, t0: float, writer: bool = True) -> dict:
+def _finish(src: Source, arrays: dict, meta_extra: dict, out: str, force: bool, t0: float, writer: bool = True,
+            notes: list[str] | None = None) -> dict:
     from .results import write_result
 
     meta = dict(src.meta)
     meta.update(meta_extra)
+    if notes:
+        meta["notes"] = list(meta.get("notes") or []) + list(notes)
     meta["hvps"] = _hvps(src)
     meta["per_block"] = src.per_block
     meta["approximation"] = src.approximation
@@ -227,7 +286,7 @@ def _footer(summary: dict) -> str:
     if summary.get("seconds") is not None:
         parts.append(f"{summary['seconds']:.2f} s")
     if summary.get("approximation"):
-        parts.append(f"approximation: {summary['approximation']} (one answer per block)")
+        parts.append(f"approximation: {summary['approximation']} (one answer per diagonal block, not H's)")
     return " · ".join(parts)
 
 
@@ -240,25 +299,22 @@ def _footer(summary: dict) -> str:
 def spectrum(
     source: Annotated[Optional[str], typer.Argument(help=SOURCE_HELP)] = None,
     *,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Number of eigenpairs.")] = 20,
-    which: Annotated[str, typer.Option("--which", help="largest, smallest, both (half each end) or magnitude.")] = "largest",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Number of eigenpairs.")] = 20,
+    which: Annotated[Which, typer.Option("--which", help="largest, smallest, both (half each end) or magnitude.")] = Which.largest,
     tol: Annotated[float, typer.Option("--tol", help="Converged when ‖Hv − λv‖ ≤ tol·‖H‖₂.")] = 1e-6,
-    max_matvecs: Annotated[Optional[int], typer.Option("--max-matvecs", help="Budget of products per operator (default max(1000, 50·k)).")] = None,
-    block_size: Annotated[Optional[int], typer.Option("--block-size", help="Vectors per Lanczos block (default min(4, k)); at least the multiplicity you expect.")] = None,
-    per_block: Annotated[bool, typer.Option("--per-block", help="The same for each module's diagonal block.")] = False,
+    max_matvecs: Annotated[Optional[int], typer.Option("--max-matvecs", min=1, help="Budget of products per operator (default max(1000, 50·k)).")] = None,
+    block_size: Annotated[Optional[int], typer.Option("--block-size", min=1, help="Vectors per Lanczos block (default min(4, k)); at least the multiplicity you expect.")] = None,
+    per_block: Annotated[bool, typer.Option("--per-block", help="The same for each module's diagonal block (the block-diagonal part of H).")] = False,
     eigenvectors: Annotated[bool, typer.Option("--eigenvectors", help="Store the eigenvectors (P, k).")] = False,
     spec_kw: dict,
     common: Common,
 ) -> int:
-    """Extreme eigenvalues with residuals: block Lanczos on a model, eigh on a result file."""
+    """Extreme eigenvalues with residuals: block Lanczos on a model, the stored eigenvalues (or eigh) of a result file."""
     from .console import err_console, make_progress
-    from .lanczos import WHICH, lanczos, select
+    from .lanczos import lanczos, select, stored_eigs
 
-    if which not in WHICH:
-        raise UsageError(f"--which '{which}': choose {', '.join(WHICH)}")
-    if top_k < 1:
-        raise UsageError(f"--top-k must be at least 1 (got {top_k})")
-    if not (tol > 0):
+    which = Which(which).value
+    if not (tol > 0):  # click has no open interval bound that typer exposes
         raise UsageError(f"--tol must be positive (got {tol})")
     t0 = time.perf_counter()
     out, comm, writer = _start(common, "spectrum.npz")
@@ -267,10 +323,19 @@ def spectrum(
     seed = spec_kw.get("seed", 0)
     results = []
     for t in src.targets:
-        if t.op is None:
-            raise HesscliError(f"'{src.path}' stores no Hessian for '{t.name}' (written with --no-dense): spectrum needs the matrix")
-        progress = make_progress(con, common.quiet)
-        r = lanczos(t.op, top_k, which, tol, max_matvecs, block_size, seed=seed, eigenvectors=eigenvectors, progress=progress)
+        r = None
+        if t.eigenvalues is not None:  # a result file's answer: no eigendecomposition
+            vecs = t.vectors() if t.vectors is not None else None
+            if vecs is not None or not eigenvectors:
+                op = t.operator() if vecs is not None else None  # the matrix, only to measure residuals
+                r = stored_eigs(t.eigenvalues, top_k, which, tol, vectors=vecs, op=op, eigenvectors=eigenvectors)
+        if r is None:
+            op = t.operator()
+            if op is None:
+                raise HesscliError(f"'{src.path}' stores no Hessian for '{t.name}' (written with --no-dense): spectrum "
+                                   + ("--eigenvectors " if t.eigenvalues is not None else "") + "needs the matrix")
+            progress = make_progress(con, common.quiet)
+            r = lanczos(op, top_k, which, tol, max_matvecs, block_size, seed=seed, eigenvectors=eigenvectors, progress=progress)
         results.append(r)
     arrays: dict = {}
     blocks = []
@@ -302,19 +367,25 @@ def spectrum(
     arrays.update(_block_index(src))
     all_conv = bool(all(r.converged.all() for r in results))
     norm = max(r.norm for r in results)
+    notes = [f"{t.name}: {n}" if multi else n for t, r in zip(src.targets, results, strict=True) for n in r.notes]
+    if any(r.method == "stored" and np.isnan(r.residuals).any() for r in results):
+        notes.append("eigenvalues read from the result file (compute's eigh, a direct method), no eigendecomposition: "
+                     "their residuals are not measured without stored eigenvectors (null) and --tol does not apply; "
+                     "compute --eigenvectors stores the vectors that measure them")
+    methods = sorted({r.method for r in results})
     meta = _finish(src, arrays, {
         "top_k": top_k, "which": which, "tol": tol, "max_matvecs": max_matvecs, "block_size": results[0].block_size,
-        "matvecs": int(arrays["matvecs"]), "method": results[0].method, "norm_estimate": norm, "converged": all_conv,
-    }, out, common.force, t0, writer)
+        "matvecs": int(arrays["matvecs"]), "method": methods[0] if len(methods) == 1 else methods,
+        "norm_estimate": norm, "converged": all_conv,
+    }, out, common.force, t0, writer, notes)
     status = "ok" if all_conv else "not_converged"
     summary = _summary_head(src, "spectrum", out, meta, status)
     summary.update(
-        which=which, top_k=top_k, tol=tol, norm_estimate=norm, method=results[0].method,
+        which=which, top_k=top_k, tol=tol, norm_estimate=norm, method=meta["method"],
         eigenvalues=arrays["eigenvalues"], residuals=arrays["residuals"], converged=arrays["converged"],
         matvecs=int(arrays["matvecs"]), blocks=blocks if multi else [],
     )
-    notes = [f"{t.name}: {n}" if multi else n for t, r in zip(src.targets, results, strict=True) for n in r.notes]
-    summary["notes"] = list(meta.get("notes") or []) + notes
+    summary["notes"] = list(meta.get("notes") or [])
     if not multi:
         summary.update(restarts=results[0].restarts, block_size=results[0].block_size)
 
@@ -323,22 +394,28 @@ def spectrum(
 
         from .console import fmt_num
 
+        def residual(x) -> str:
+            x = float(np.max(x)) if np.size(x) else math.nan
+            return f"{x:.1e}" if math.isfinite(x) else "—"  # NaN: not measured
+
         if multi:
             tb = Table(title=f"spectrum per block ({which}, top {top_k})", title_justify="left")
             for c in ("block", "size", "λmax found", "λmin found", "worst residual", "converged", "matvecs"):
                 tb.add_column(c, justify="left" if c == "block" else "right")
             for b in blocks:
                 tb.add_row(b["name"], fmt_num(b["size"]), fmt_num(float(b["eigenvalues"][-1])), fmt_num(float(b["eigenvalues"][0])),
-                           f"{float(np.max(b['residuals'])):.1e}", f"{int(np.sum(b['converged']))}/{len(b['converged'])}",
+                           residual(b["residuals"]), f"{int(np.sum(b['converged']))}/{len(b['converged'])}",
                            fmt_num(b["matvecs"]))
             con.print(tb)
+        if src.approximation:
+            con.print("block-diagonal part: eigenvalues of the diagonal blocks, not of H", markup=False)
         tb = Table(title=f"spectrum ({which}, top {top_k}{', block-diagonal part' if src.approximation else ''})",
                    title_justify="left")
         for c in ("#", "eigenvalue", "residual", "converged"):
             tb.add_column(c, justify="right")
         evs = arrays["eigenvalues"]
         for i in np.argsort(-evs, kind="stable"):
-            tb.add_row(str(len(tb.rows) + 1), f"{evs[i]:.10g}", f"{arrays['residuals'][i]:.1e}",
+            tb.add_row(str(len(tb.rows) + 1), f"{evs[i]:.10g}", residual(arrays["residuals"][i]),
                        "yes" if arrays["converged"][i] else "[red]no[/red]")
         con.print(tb)
         con.print(_footer(summary) + f" · {fmt_num(summary['matvecs'])} products · tol {tol:g}·‖H‖₂ (‖H‖₂ ≈ {norm:.6g})")
@@ -363,20 +440,17 @@ def spectrum(
 def trace(
     source: Annotated[Optional[str], typer.Argument(help=SOURCE_HELP)] = None,
     *,
-    method: Annotated[str, typer.Option("--method", help="auto, exact, hutchinson, hutchpp or xtrace.")] = "auto",
-    matvecs: Annotated[int, typer.Option("--matvecs", help="Products per estimate (per block with --per-block).")] = 300,
-    per_block: Annotated[bool, typer.Option("--per-block", help="The same for each module's diagonal block.")] = False,
+    method: Annotated[TraceMethod, typer.Option("--method", help="auto, exact, hutchinson, hutchpp or xtrace.")] = TraceMethod.auto,
+    matvecs: Annotated[int, typer.Option("--matvecs", min=1, help="Products per estimate (per block with --per-block).")] = 300,
+    per_block: Annotated[bool, typer.Option("--per-block", help="The same for each module's diagonal block (the block-diagonal part of H).")] = False,
     spec_kw: dict,
     common: Common,
 ) -> int:
     """The trace of the Hessian: exact, or estimated (Hutchinson, Hutch++, XTrace) with a standard error."""
     from .console import err_console, make_progress
-    from .trace import METHODS, TraceResult, combine, estimate_trace
+    from .trace import TraceResult, combine, estimate_trace
 
-    if method not in METHODS:
-        raise UsageError(f"--method '{method}': choose {', '.join(METHODS)}")
-    if matvecs < 1:
-        raise UsageError(f"--matvecs must be at least 1 (got {matvecs})")
+    method = TraceMethod(method).value
     t0 = time.perf_counter()
     out, comm, writer = _start(common, "trace.npz")
     con = err_console()
@@ -384,12 +458,13 @@ def trace(
     seed = spec_kw.get("seed", 0)
     results = []
     for i, t in enumerate(src.targets):
-        if t.op is None:
+        op = t.operator()
+        if op is None:
             if t.trace is None:
                 raise HesscliError(f"'{src.path}' stores neither a Hessian nor a trace for '{t.name}'")
             results.append(TraceResult(t.trace, 0.0, "exact", 0, 0.0))
             continue
-        results.append(estimate_trace(t.op, method, matvecs, seed + i, make_progress(con, common.quiet)))
+        results.append(estimate_trace(op, method, matvecs, seed + i, make_progress(con, common.quiet)))
     total, stderr = combine(results)
     chosen = sorted({r.method for r in results})
     auto_note = f"auto chose {', '.join(chosen)}" if method == "auto" else None
@@ -421,7 +496,10 @@ def trace(
 
         from .console import fmt_num
 
-        tb = Table(title="trace" + (" per block" if multi else ""), title_justify="left")
+        title = "trace" + (" per block" if multi else "")
+        if src.approximation:  # the blocks' traces add up to tr H: the diagonal blocks hold the whole diagonal
+            title += " (diagonal blocks of H; their total is tr H)"
+        tb = Table(title=title, title_justify="left")
         for c in ("block", "size", "trace", "± stderr", "method", "matvecs"):
             tb.add_column(c, justify="left" if c in ("block", "method") else "right")
         for b in blocks:
@@ -450,20 +528,18 @@ def trace(
 def density(
     source: Annotated[Optional[str], typer.Argument(help=SOURCE_HELP)] = None,
     *,
-    runs: Annotated[int, typer.Option("--runs", help="Random start vectors (SLQ).")] = 10,
-    steps: Annotated[int, typer.Option("--steps", help="Lanczos steps per run.")] = 80,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Random start vectors (SLQ; not used for a result file).")] = 10,
+    steps: Annotated[int, typer.Option("--steps", min=2, help="Lanczos steps per run (SLQ; not used for a result file).")] = 80,
     plot: Annotated[Optional[str], typer.Option("--plot", help="Save a PNG of the density (log scale); needs matplotlib.")] = None,
-    per_block: Annotated[bool, typer.Option("--per-block", help="The same for each module's diagonal block.")] = False,
+    per_block: Annotated[bool, typer.Option("--per-block", help="The same for each module's diagonal block (the block-diagonal part of H).")] = False,
     spec_kw: dict,
     common: Common,
 ) -> int:
     """The eigenvalue density by stochastic Lanczos quadrature (exact eigenvalues for a result file)."""
     from .console import err_console, make_progress
-    from .density import smooth, spectral_density, text_histogram
+    from .density import DENSE_RESOLUTION, smooth, smoothing_sigma, spectral_density, text_histogram
     from .results import check_output
 
-    if runs < 1 or steps < 2:
-        raise UsageError(f"--runs must be at least 1 and --steps at least 2 (got {runs}, {steps})")
     t0 = time.perf_counter()
     out, comm, writer = _start(common, "density.npz")
     if plot and writer:
@@ -473,10 +549,15 @@ def density(
     seed = spec_kw.get("seed", 0)
     results = []
     for i, t in enumerate(src.targets):
-        if t.op is None and t.eigenvalues is None:
+        op = t.operator() if t.eigenvalues is None else None  # stored eigenvalues: the matrix is not read
+        if op is None and t.eigenvalues is None:
             raise HesscliError(f"'{src.path}' stores neither a Hessian nor eigenvalues for '{t.name}'")
-        ev = t.eigenvalues if t.op is None or isinstance(t.op, DenseOperator) and t.eigenvalues is not None else None
-        results.append(spectral_density(t.op, runs, steps, seed + i, make_progress(con, common.quiet), eigenvalues=ev))
+        results.append(spectral_density(op, runs, steps, seed + i, make_progress(con, common.quiet), eigenvalues=t.eigenvalues))
+    slq_used = any(r.method == "slq" for r in results)
+    resolution = steps if slq_used else DENSE_RESOLUTION
+    notes = [] if slq_used else [
+        f"--runs and --steps do not apply to exact eigenvalues (a result file): the density is theirs, smoothed with "
+        f"σ = (λmax − λmin)/{2 * DENSE_RESOLUTION} whatever --steps says"]
     multi = len(src.targets) > 1 or src.per_block
     arrays: dict = {}
     blocks = []
@@ -493,7 +574,7 @@ def density(
         nodes = np.concatenate([r.nodes.ravel() for r in results])
         weights = np.concatenate([r.weights.ravel() * (t.stop - t.start) / P for t, r in zip(src.targets, results, strict=True)])
         lo, hi = float(np.nanmin(nodes)), float(np.nanmax(nodes))
-        sigma = (hi - lo) / (2 * steps) if hi > lo else max(abs(hi), 1.0) * 1e-3
+        sigma = smoothing_sigma(lo, hi, resolution)
         grid = np.linspace(lo - 4 * sigma, hi + 4 * sigma, len(results[0].grid))
         dens = smooth(nodes, weights, sigma, grid)
         method_name = sorted({r.method for r in results})
@@ -507,16 +588,20 @@ def density(
     arrays.update(density_grid=grid, density=dens, sigma=np.float64(sigma),
                   matvecs=np.int64(sum(r.matvecs for r in results)))
     arrays.update(_block_index(src))
-    meta = _finish(src, arrays, {"runs": runs, "steps": steps, "sigma": sigma, "method": method_name[0] if len(method_name) == 1 else method_name,
-                                 "matvecs": int(arrays["matvecs"]), "seeds": [seed + i for i in range(len(src.targets))], "smoothing": "gaussian, sigma = (lambda_max - lambda_min) / (2 * steps)"},
-                   out, common.force, t0, writer)
+    meta = _finish(src, arrays, {
+        "runs": runs if slq_used else None, "steps": steps if slq_used else None, "sigma": sigma,
+        "method": method_name[0] if len(method_name) == 1 else method_name, "matvecs": int(arrays["matvecs"]),
+        "seeds": [seed + i for i in range(len(src.targets))] if slq_used else None,
+        "smoothing": f"gaussian, sigma = (lambda_max - lambda_min) / (2 * {'steps' if slq_used else DENSE_RESOLUTION})",
+    }, out, common.force, t0, writer, notes)
     if plot and writer:
         from .density import plot_density
 
         plot_density(plot, grid, dens, title=f"Hessian eigenvalue density ({Path(src.path).name})")
     summary = _summary_head(src, "density", out, meta)
-    summary.update(method=method_name[0] if len(method_name) == 1 else method_name, runs=runs, steps=steps, sigma=sigma,
-                   lambda_min=lo, lambda_max=hi, matvecs=int(arrays["matvecs"]), plot=plot, blocks=blocks if multi else [])
+    summary.update(method=method_name[0] if len(method_name) == 1 else method_name, runs=meta["runs"], steps=meta["steps"],
+                   sigma=sigma, lambda_min=lo, lambda_max=hi, matvecs=int(arrays["matvecs"]), plot=plot,
+                   blocks=blocks if multi else [], notes=list(meta.get("notes") or []))
 
     def render():
         from rich.table import Table
@@ -534,6 +619,8 @@ def density(
         con.print(f"eigenvalue density{' (block-diagonal part)' if multi else ''}, mass per bin, log-scale bars:")
         con.print(text_histogram(grid, dens), markup=False, highlight=False)
         con.print(_footer(summary) + f" · {summary['method']} · σ = {sigma:.2g}")
+        for n in notes:
+            con.print(f"note: {n}", markup=False)
         if plot:
             con.print(f"plot: {plot}")
         con.print(f"wrote {out}")

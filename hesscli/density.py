@@ -13,6 +13,11 @@ Smoothing: the density is Σ τ_j g_σ(t − θ_j) averaged over the runs, g_σ 
 σ = (λmax − λmin)/(2·steps), half the spacing of ``steps`` quadrature nodes spread over the range
 (the resolution the quadrature has): smaller σ shows the nodes, not the density; larger blurs it.
 It moves the distribution by about 0.8σ in Wasserstein-1 distance.
+
+Exact eigenvalues (a ``compute`` result file) need no quadrature: the density is theirs, and
+``runs`` and ``steps`` do not apply. They are smoothed at the resolution of a default SLQ run,
+σ = (λmax − λmin)/(2·``DENSE_RESOLUTION``) with ``DENSE_RESOLUTION`` = 80 (the default ``--steps``),
+so that the result does not depend on ``--steps`` and is drawn like a model's density at the defaults.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from .errors import HesscliError, UsageError
 from .operators import DenseOperator, SymOperator
 from .progress import NullProgress, Progress
 
-__all__ = ["DensityResult", "slq", "smooth", "spectral_density", "text_histogram", "plot_density"]
+__all__ = ["DensityResult", "slq", "smooth", "smoothing_sigma", "spectral_density", "text_histogram", "plot_density",
+           "DENSE_RESOLUTION"]
 
 GRID_POINTS = 1024
+DENSE_RESOLUTION = 80  # the smoothing of exact eigenvalues: that of SLQ with the default --steps
 BASIS_BUDGET = 1 << 30  # bytes of Lanczos bases held at once
 
 
@@ -111,6 +118,13 @@ def slq(op: SymOperator, runs: int = 10, steps: int = 80, seed: int = 0, progres
     return nodes, weights
 
 
+def smoothing_sigma(lo: float, hi: float, resolution: int) -> float:
+    """The Gaussian width for nodes spread over [lo, hi]: half the spacing of ``resolution`` nodes,
+    (hi − lo)/(2·resolution); a range of zero width gets 1e-3·max(|hi|, 1)."""
+    width = hi - lo
+    return width / (2 * max(resolution, 1)) if width > 0 else max(abs(hi), 1.0) * 1e-3
+
+
 def smooth(nodes: np.ndarray, weights: np.ndarray, sigma: float, grid: np.ndarray) -> np.ndarray:
     """Σ w_j g_σ(t − θ_j) on ``grid`` (weights summing to 1 give a density that integrates to 1)."""
     ok = np.isfinite(nodes) & (weights > 0)
@@ -124,7 +138,10 @@ def smooth(nodes: np.ndarray, weights: np.ndarray, sigma: float, grid: np.ndarra
 
 def spectral_density(op: SymOperator, runs: int = 10, steps: int = 80, seed: int = 0,
                      progress: Progress | None = None, eigenvalues: np.ndarray | None = None) -> DensityResult:
-    """The smoothed eigenvalue density: exact from ``eigenvalues`` (or a stored matrix), else SLQ."""
+    """The smoothed eigenvalue density: exact from ``eigenvalues`` (or a stored matrix), else SLQ.
+
+    ``runs`` and ``steps`` are SLQ's: the exact density does not depend on them (σ from
+    ``DENSE_RESOLUTION``, see the module docstring)."""
     t0 = time.perf_counter()
     mv0 = op.matvecs if op is not None else 0
     if eigenvalues is None and isinstance(op, DenseOperator):
@@ -137,14 +154,13 @@ def spectral_density(op: SymOperator, runs: int = 10, steps: int = 80, seed: int
         weights = weights / nodes.shape[0]
         method = "slq"
     lo, hi = float(np.nanmin(nodes)), float(np.nanmax(nodes))
-    width = hi - lo
-    if not math.isfinite(width):
+    if not math.isfinite(hi - lo):
         raise HesscliError("the spectral density has non-finite nodes: the operator produced NaN or Inf")
-    sigma = width / (2 * max(steps, 1)) if width > 0 else max(abs(hi), 1.0) * 1e-3
+    sigma = smoothing_sigma(lo, hi, steps if method == "slq" else DENSE_RESOLUTION)
     grid = np.linspace(lo - 4 * sigma, hi + 4 * sigma, GRID_POINTS)
     dens = smooth(nodes, weights, sigma, grid)
     matvecs = (op.matvecs - mv0) if op is not None else 0
-    return DensityResult(grid, dens, nodes, weights if method == "slq" else weights, sigma, matvecs,
+    return DensityResult(grid, dens, nodes, weights, sigma, matvecs,
                          time.perf_counter() - t0, method, lo, hi)
 
 

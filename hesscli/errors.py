@@ -6,8 +6,6 @@ the CLI prints ``Error: <message>`` on one line and exits with ``exit_code``.
 
 from __future__ import annotations
 
-import re
-
 __all__ = [
     "HesscliError",
     "UsageError",
@@ -15,14 +13,17 @@ __all__ = [
     "clean_message",
 ]
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
 
 def clean_message(text: object) -> str:
-    """One printable line: ANSI escapes removed (torch's messages carry some), whitespace folded."""
-    s = _ANSI.sub("", str(text))
-    s = " ".join(s.split())
-    return s
+    """One printable line: ANSI escapes removed (torch's messages carry some), whitespace folded.
+
+    The escapes are decoded by Rich (``Text.from_ansi``), a dependency already: ``click.unstyle``
+    is gone from the click that typer >= 0.20 vendors (``typer._click``), and click itself is no
+    longer installed. Rich keeps only what follows a line's last carriage return, as a terminal
+    shows it; a message keeps all of its text, so carriage returns become line breaks first."""
+    from rich.text import Text
+
+    return " ".join(Text.from_ansi(str(text).replace("\r", "\n")).plain.split())
 
 
 class HesscliError(Exception):

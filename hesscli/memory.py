@@ -65,12 +65,10 @@ def default_budget(device: torch.device) -> int:
 
 
 def fmt_bytes(n: float) -> str:
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
+    """Bytes in decimal units with two decimals (``20.00 MB``), by :func:`rich.filesize.decimal`."""
+    from rich.filesize import decimal
+
+    return decimal(int(n), precision=2)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

@@ -249,7 +249,7 @@ def summarize(rf: ResultFile | Mapping[str, Any], meta: Mapping[str, Any] | None
         "command": meta.get("command"),
         "out": out if out is not None else (str(rf.path) if hasattr(rf, "path") else None),
         "mode": meta.get("mode"),
-        "approximation": "block-diagonal" if meta.get("mode") == "block" else None,
+        "approximation": meta.get("approximation") or ("block-diagonal" if meta.get("mode") == "block" else None),
         "n_params": int(sum(int(np.prod(p["shape"])) for p in params)) if params else None,
         "n_samples": meta.get("n_samples"),
         "n_loss_terms": meta.get("n_loss_terms"),
@@ -278,4 +278,4 @@ def command_line() -> str:
     import shlex
 
     args = CURRENT_ARGV if CURRENT_ARGV is not None else sys.argv[1:]
-    return " ".join(shlex.quote(str(a)) for a in ["hesscli", *args])
+    return shlex.join(["hesscli", *map(str, args)])

@@ -15,6 +15,11 @@
   w = Qᵀω_i, a = w − s_i(s_iᵀw): T_i = tr H_Q − s_iᵀH_Q s_i + ω_iᵀy_i − 2 (Zᵀω_i)ᵀa + aᵀH_Q a.
   The estimate is mean_i T_i; its standard error the paper's, std(T_i)/√(m/2). Memory: four
   blocks of m/2 vectors (Ω, Y, Q, Z).
+  A rank-deficient sketch (H of rank r < m/2, a zero block: R singular, R⁻ᵀ undefined) is handled by
+  rank truncation: Yᵀ = Q₀R₀, R₀ = UΣVᵀ, Q = Q₀U_r spans range(Y) with r = #{σ > max(n, s)·ε·σ₁}
+  (ε of float64), and R = Σ_r V_rᵀ (r × s). Dropping column i lowers the rank only when e_i lies in
+  R's row space; then s_i ∝ (R⁺)ᵀe_i = Σ_r⁻¹V_rᵀe_i (R⁻ᵀe_i when r = s), else Q_i = Q and s_i = 0.
+  Z = HQ keeps r of its m/2 products. A zero operator gives 0 ± 0.
 
 The random vectors come from a seeded generator on the CPU (the same on every rank).
 """
@@ -151,16 +156,24 @@ def _xtrace(op, m, gen, progress):
     Om = torch.randn(s, n, generator=gen, dtype=torch.float64)
     Om = (Om * (math.sqrt(n) / Om.norm(dim=1, keepdim=True))).to(op.device)  # rows on the sphere of radius √n
     Y = _products(op, Om, progress)  # rows y_i = H ω_i
-    Q, R = torch.linalg.qr(Y.T)  # Y.T = Q R, Q (n, s)
-    Qr = Q.T.contiguous()
-    Z = _products(op, Qr, progress)  # rows (H q_j)
+    Q0, R0 = torch.linalg.qr(Y.T)  # Y.T = Q0 R0, Q0 (n, s)
+    if not bool(torch.isfinite(R0).all()):  # NaN or Inf products: no estimate (the SVD would refuse them)
+        return math.nan, math.nan, s
+    U, sv, Vh = torch.linalg.svd(R0.cpu())  # R0 = U diag(sv) Vh
+    eps = torch.finfo(torch.float64).eps
+    r = int((sv > max(n, s) * eps * sv[0]).sum()) if float(sv[0]) > 0 else 0  # numerical rank of the sketch
+    Qs = (Q0 @ U.to(Q0.device)).T.contiguous()  # (s, n): orthonormal rows, the first r spanning range(Y)
+    # all s products, whatever r: every rank of a torchrun takes the same number of collectives
+    Z = _products(op, Qs, progress)[:r]  # rows (H q_j)
+    Qr = Qs[:r]
     HQ = (Qr @ Z.T).cpu()
     HQ = (HQ + HQ.T) / 2
-    W = (Qr @ Om.T).cpu()  # (s, s): column i = Qᵀω_i
-    Tz = (Z @ Om.T).cpu()  # (s, s): column i = Zᵀω_i... row j, col i = (H q_j)·ω_i
-    R = R.cpu()
-    Sm = torch.linalg.solve_triangular(R, torch.eye(s, dtype=torch.float64), upper=True).T  # R⁻ᵀ
-    Sm = Sm / Sm.norm(dim=0, keepdim=True)  # column i: s_i
+    W = (Qr @ Om.T).cpu()  # (r, s): column i = Qᵀω_i
+    Tz = (Z @ Om.T).cpu()  # (r, s): row j, col i = (H q_j)·ω_i, so column i = Zᵀω_i
+    Sm = Vh[:r] / sv[:r, None]  # (r, s): column i = Σ_r⁻¹ V_rᵀ e_i = (R⁺)ᵀ e_i with R = Σ_r V_rᵀ
+    Sm = Sm / Sm.norm(dim=0, keepdim=True).clamp_min(1e-300)
+    off_rowspace = Vh[r:].norm(dim=0)  # distance of e_i from R's row space (0 for every i when r = s)
+    Sm = Sm * (off_rowspace <= math.sqrt(eps))  # column i: s_i, or 0 when dropping y_i keeps the span
     diag_y = (Om * Y).sum(1).cpu()  # ω_iᵀ H ω_i
     trHQ = float(torch.diagonal(HQ).sum())
     sHs = (Sm * (HQ @ Sm)).sum(0)

@@ -65,6 +65,7 @@ def _rel_err(found, ref, norm):
     return np.abs(np.asarray(found) - ref).max() / norm
 
 
+@pytest.mark.slow  # whole sample checkpoints (the digits MLP's dense truth, the CNN per block): make test
 def test_digits_float64_top20_and_bottom5(truth, tmp_path, capsys):
     H, ev = truth
     norm = np.abs(ev).max()
@@ -87,6 +88,7 @@ def test_digits_float64_top20_and_bottom5(truth, tmp_path, capsys):
     assert _rel_err(js["eigenvalues"], ev[:5], norm) <= 1e-8
 
 
+@pytest.mark.slow  # whole sample checkpoints (the digits MLP's dense truth, the CNN per block): make test
 def test_digits_float32_within_1e5(truth, tmp_path, capsys):
     _, ev = truth
     norm = np.abs(ev).max()
@@ -112,6 +114,7 @@ def test_least_squares_multiplicity_four(tmp_path, capsys):
     np.testing.assert_allclose(js["eigenvalues"], np.repeat(lam[-8:][::4], 4), rtol=1e-9)
 
 
+@pytest.mark.slow  # whole sample checkpoints (the digits MLP's dense truth, the CNN per block): make test
 def test_result_file_full_and_block(tmp_path, capsys, monkeypatch):
     model, data, arch, lam = least_squares_case(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -119,7 +122,14 @@ def test_result_file_full_and_block(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     code, js, err = cli(capsys, "spectrum", "--top-k", 6, "--which", "magnitude")  # SOURCE = ./hessian.npz
     assert code == 0, err
-    assert js["source"]["kind"] == "result" and js["method"] == "dense" and js["matvecs"] == 0
+    # the stored eigenvalues, no eigendecomposition (tests/test_issue13_bugs.py counts the calls)
+    assert js["source"]["kind"] == "result" and js["method"] == "stored" and js["matvecs"] == 0
+    np.testing.assert_allclose(js["eigenvalues"], lam[-6:], rtol=1e-10)
+    assert js["residuals"] == [None] * 6 and all(js["converged"])  # not measured without stored eigenvectors
+    # with --eigenvectors the matrix is decomposed and the residuals are measured against it
+    code, js, err = cli(capsys, "spectrum", "--top-k", 6, "--which", "magnitude", "--eigenvectors", "-o", "sv.npz")
+    assert code == 0, err
+    assert js["method"] == "dense"
     np.testing.assert_allclose(js["eigenvalues"], lam[-6:], rtol=1e-10)
     assert (np.array(js["residuals"]) <= 1e-12 * lam[-1]).all()
     # a block-mode file answers per block and says so
@@ -136,6 +146,7 @@ def test_result_file_full_and_block(tmp_path, capsys, monkeypatch):
         np.testing.assert_allclose(s["eigenvalues"], allev[-3:], rtol=1e-12)
 
 
+@pytest.mark.slow  # whole sample checkpoints (the digits MLP's dense truth, the CNN per block): make test
 def test_per_block_equals_dense_blocks(tmp_path, capsys):
     """--per-block on the model (Lanczos on each module's diagonal block) = eigh of compute --mode block."""
     code, _, err = cli(capsys, "compute", DIGITS_CNN, "--data", DIGITS_IMAGES, "--dtype", "float64", "--mode", "block",
@@ -184,6 +195,7 @@ def test_symmetry_probe_stops_matrix_free_work(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "t.npz").exists()
 
 
+@pytest.mark.slow  # the digits MLP's dense truth: make test
 @pytest.mark.parametrize(
     "model,extra",
     [

@@ -78,6 +78,7 @@ def test_estimators_unbiased_and_stderr_covers(method):
     assert covered >= 32  # about 95% expected
 
 
+@pytest.mark.slow  # whole sample checkpoints (the digits MLP's dense truth, the CNN per block): make test
 def test_exact_float64_matches_dense(truth, tmp_path, capsys):
     """--params fc2|fc3 selects the last 1,386 parameters: H restricted to them is the dense truth's
     trailing principal submatrix."""
@@ -93,6 +94,7 @@ def test_exact_float64_matches_dense(truth, tmp_path, capsys):
         assert float(z["trace"]) == js["trace"] and int(z["matvecs"]) == 1386
 
 
+@pytest.mark.slow  # whole sample checkpoints (the digits MLP's dense truth, the CNN per block): make test
 def test_hutchpp_digits_10_seeds(truth, tmp_path, capsys):
     """Hutch++ at 300 products: mean relative error ≤ 2e-3, |est − truth| ≤ 2·stderr in ≥ 8 of 10 seeds."""
     _, ev = truth
@@ -113,6 +115,7 @@ def test_hutchpp_digits_10_seeds(truth, tmp_path, capsys):
     assert js["matvecs"] == 300 and abs(js["trace"] - tr) <= 5 * js["trace_stderr"]
 
 
+@pytest.mark.slow  # whole sample checkpoints (the digits MLP's dense truth, the CNN per block): make test
 def test_xtrace_and_hutchinson_on_digits(truth, tmp_path, capsys):
     _, ev = truth
     tr = ev.sum()
@@ -145,6 +148,7 @@ def test_auto_exact_when_small_and_result_files(tmp_path, capsys, monkeypatch):
     assert code == 2
 
 
+@pytest.mark.slow  # whole sample checkpoints (the digits MLP's dense truth, the CNN per block): make test
 def test_per_block_equals_dense_blocks(tmp_path, capsys):
     code, _, err = cli(capsys, "compute", DIGITS_CNN, "--data", DIGITS_IMAGES, "--dtype", "float64", "--mode", "block",
                        "-o", tmp_path / "blocks.npz")
