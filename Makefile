@@ -39,10 +39,14 @@ format: install ## ruff format
 
 bench: install ## Full benchmark against the naive methods and the peers; writes bench/RESULTS.md
 	$(BIN)/python -m pip install -q -e ".[bench]" "$(TORCH_SPEC)"
+	@# curvlinops pulls BackPACK, which pulls a torchvision that the pinned torch cannot load (and that
+	@# breaks transformers' imports); nothing benchmarked needs it
+	$(BIN)/python -m pip uninstall -y -q torchvision || true
 	$(BIN)/python bench/run.py
 
 bench-quick: install ## A quick benchmark run (smaller cases, fewer repeats)
 	$(BIN)/python -m pip install -q -e ".[bench]" "$(TORCH_SPEC)"
+	$(BIN)/python -m pip uninstall -y -q torchvision || true
 	$(BIN)/python bench/run.py --quick
 
 samples: install ## Regenerate sample_checkpoints/ (needs scikit-learn, in the dev extra)
