@@ -183,10 +183,10 @@ def test_causal_lm_explicit_labels(cli, hf, tmp_path):
         torch.save(s, paths[-1])
     regex = r"^transformer\.(h\.1\.ln_2|ln_f)\."
     ref = hm.HFReference(hf["gpt2"], paths, regex)
-    assert ref.n_loss_terms == hm.predicted_tokens(paths) == 10
+    assert ref.n_loss_terms == hm.predicted_tokens(paths) == 11
     doc, _, arrays = compute(cli, hf["gpt2"], paths, tmp_path / "h.npz", "--params", regex, "--mode", "full",
                              "--dtype", "float64")
-    assert doc["n_loss_terms"] == 10
+    assert doc["n_loss_terms"] == 11
     assert_close_matrix(arrays["hessian"], ref.H, 1e-10, "gpt2 explicit labels", names=ref)
 
 
