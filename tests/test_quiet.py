@@ -8,6 +8,8 @@ import pytest
 from case_models import ok, runner
 from conftest import SAMPLES
 
+pytestmark = pytest.mark.slow  # a dozen whole compute runs
+
 ARCHS = str(SAMPLES / "archs.py")
 MODELS = {
     "digits_mlp": ("DigitsMLP", "digits.pt"),
