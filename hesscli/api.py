@@ -95,6 +95,7 @@ def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
         trainable_only=spec.trainable_only,
         static_batch=lm.static_batch,
         head=lm.hf,
+        copy=False,  # the module was loaded for this session
         **({"example": example} if example is not None else {}),
     )
     obj.info.notes[:0] = lm.notes + full.notes
@@ -153,7 +154,7 @@ def base_meta(command: str, session: Session, **extra) -> dict:
         "seed": spec.seed,
         "engine": "chain" if obj.chain is not None else "autograd",
         "world_size": 1 if session.comm is None else session.comm.world,
-        "notes": list(obj.info.notes),
+        "notes": list(obj.info.notes) + [f"warning: {w}" for w in obj.info.warnings],
         "warnings": list(obj.info.warnings),
         "unused_params": list(obj.info.unused),
         "tied": list(obj.tied),

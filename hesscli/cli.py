@@ -219,7 +219,8 @@ def compute(
         con.print(summary_table(summary))
         con.print(summary_footer(summary))
         for note in summary.get("notes", []):
-            con.print(f"note: {note}")
+            if not note.startswith("warning: "):  # the warnings follow
+                con.print(f"note: {note}")
         for warning in summary["warnings"]:
             con.print(f"[yellow]warning:[/yellow] {warning}")
         con.print(f"wrote {summary['out']}")

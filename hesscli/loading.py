@@ -529,8 +529,9 @@ def _sparse_embeddings_dense(model: nn.Module) -> list[str]:
     same function; a sparse gradient cannot be differentiated again)."""
     names = []
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False):
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and (getattr(m, "sparse", False) or getattr(m, "scale_grad_by_freq", False)):
             m.sparse = False
+            m.scale_grad_by_freq = False
             names.append(name)
     return names
 
@@ -624,7 +625,7 @@ def load_model(
     lm.notes.extend(load_weights_into(model, state, str(p), prefix))
     sparse = _sparse_embeddings_dense(model)
     if sparse:
-        lm.notes.append(f"sparse embeddings computed with dense gradients (same function): {', '.join(sparse)}")
+        lm.notes.append(f"embeddings with sparse or frequency-scaled gradients computed with plain dense ones (same function): {', '.join(sparse)}")
     model.eval()
     lm.module = model
     lm.arch = arch

@@ -81,6 +81,7 @@ class Linearization:
     """
 
     def __init__(self, leaves: list[torch.Tensor], grads: list[torch.Tensor | None], shared: dict | None = None):
+        self._last = None
         self.leaves = leaves
         self.shared = shared if shared is not None else {}  # the objective's: {"batched": False} once batching failed
         self.grads = [g.to_dense() if g is not None and g.is_sparse else g for g in grads]
@@ -94,7 +95,22 @@ class Linearization:
     ) -> list[torch.Tensor]:
         """∂/∂θ_wrt of Σ_{j in of} ⟨g_j, v_j⟩, for ``vectors`` shaped like θ_of (with a leading
         batch dimension when ``batched``). Returns one tensor per ``wrt``, zeros where θ_wrt does
-        not enter."""
+        not enter. Raises :class:`HesscliError` naming the op when torch has no second derivative
+        for one of the model's ops."""
+        try:
+            return self._apply(vectors, of, wrt, batched)
+        except (NotImplementedError, RuntimeError) as e:
+            m = re.search(r"derivative for '?([\w.:]+)'? is not implemented", str(e))
+            if m is None:
+                raise
+            raise HesscliError(
+                f"torch has no second derivative for {m.group(1)}, which the model calls; an eager model "
+                "(safetensors + --arch) gets equivalent ops for embedding_bag and sparse embeddings"
+            ) from None
+        finally:
+            self._last = None
+
+    def _apply(self, vectors, of, wrt, batched) -> list[torch.Tensor]:
         outs, gouts = [], []
         for j, v in zip(of, vectors):
             g = self.grads[j]
@@ -150,9 +166,9 @@ def _storage_key(t: torch.Tensor) -> tuple:
 class Objective:
     """The training loss of a model on a data set, as a function of the selected parameters.
 
-    ``module`` is used as it is (its parameters become the leaves of the derivatives and are cast
-    and moved in place); pass ``copy=True`` to work on a deep copy and leave the caller's module as
-    it was. Raises :class:`HesscliError` for models and data that cannot give a right Hessian
+    ``module`` is deep-copied first (``copy=True``, the default), so the caller's module is left as
+    it was: hesscli casts, moves and sets ``requires_grad`` on the parameters it differentiates.
+    ``copy=False`` works on the module itself (what the command line does with a module it loaded). Raises :class:`HesscliError` for models and data that cannot give a right Hessian
     (non-finite outputs, randomness, batch dependence, weights autograd does not see), and
     :class:`UsageError` for bad options.
     """
@@ -176,7 +192,7 @@ class Objective:
         engine: str = "auto",
         output_key: str | None = None,
         static_batch: int | None = None,
-        copy: bool = False,
+        copy: bool = True,
         head=None,
     ):
         if engine not in ENGINES:
@@ -267,6 +283,7 @@ class Objective:
         self.linearization_bytes = 0
         self.derivative_check: dict = {}
         self._lin_state: dict = {}
+        self._loss_form: str | None = None
         self._example = example
         self._setup(loss, reduction, check)
 
@@ -341,13 +358,20 @@ class Objective:
             outs.append(out[:n])
         return torch.cat(outs)
 
+    def _prediction(self, out) -> torch.Tensor:
+        """The prediction of an output; :meth:`forward` has already chosen it for a fixed-batch
+        archive evaluated in chunks."""
+        if isinstance(out, torch.Tensor) and self.static_batch is not None:
+            return out
+        return prediction(out, self.output_key)
+
     def piece_total(self, x, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The sum of the loss terms of one piece (inputs on the device) and their count (for
         ``--loss model`` returning ``(sum, count)``, the count it returns, a real number)."""
         if self.loss.name == "model":
-            ml = model_loss(self.forward(x, y), _n(x))
+            ml = model_loss(self.forward(x, y), _n(x), self._loss_form)
             return ml.total, ml.count
-        out = prediction(self.forward(x), self.output_key)
+        out = self._prediction(self.forward(x))
         return self.loss.total(out, y), float(self.loss.count(out.shape, y))
 
     # ------------------------------------------------------------------ set-up and checks
@@ -360,7 +384,7 @@ class Objective:
             else:
                 with torch.no_grad(), self.evaluating():
                     xe, ye = self._example
-                    out = prediction(self.forward(self._move(xe, ye)[0]), self.output_key)
+                    out = self._prediction(self.forward(self._move(xe, ye)[0]))
                     self.loss = self._resolve(loss_name, reduction, out, ye)
         counts: list[float] = []
         total = 0.0
@@ -371,21 +395,22 @@ class Objective:
                 if loss_name == "model":
                     out0 = self.forward(x0, y0)
                     self.loss = resolve_loss("model", reduction, out0, y0)
-                    model_loss(out0, _n(x0))  # readable as a loss: fail here, before any work
+                    # readable as a loss (fail here, before any work), and read the same way on every piece
+                    self._loss_form = "mean" if model_loss(out0, _n(x0)).mean else "pair"
                 else:
                     out0 = self.forward(x0)
-                    self.loss = self._resolve(loss_name, reduction, prediction(out0, self.output_key), first[1])
+                    self.loss = self._resolve(loss_name, reduction, self._prediction(out0), first[1])
                 if check:
                     self._check_model(x0, y0, out0)
             for x, y in self.data.pieces(self.batch_size):
                 if self.loss.name == "model":
                     xd, yd = self._move(x, y)
-                    ml = model_loss(self.forward(xd, yd), _n(xd))
+                    ml = model_loss(self.forward(xd, yd), _n(xd), self._loss_form)
                     s, c = ml.total, ml.count
                     mean_pieces += ml.mean
                 else:
                     xd = self._move(x, y[:0])[0]
-                    out = prediction(self.forward(xd), self.output_key)
+                    out = self._prediction(self.forward(xd))
                     self._resolve(self.loss, reduction, out, y)  # checks the targets on the CPU
                     yd = self._move(x[:0] if isinstance(x, torch.Tensor) else x, y)[1]
                     c = float(self.loss.count(out.shape, y))
@@ -566,6 +591,15 @@ class Objective:
                     singles = [(i, agrees([i])) for i in g] if len(g) > 1 else [(g[0], (ok, a, D))]
                     culprits = [(i, r) for i, r in singles if not r[0]] or [(g[0], (ok, a, D))]
                     bad.extend(culprits)
+            # a tensor autograd gives no gradient at all must not change the loss, to any order (a
+            # first-derivative check is blind at a stationary point): perturb it alone, ±h
+            for i in range(len(self.names)):
+                if grads[i] is None and not any(j == i for j, _ in bad):
+                    f0 = f([], 0.0)
+                    h = 3e-2
+                    moved = max(abs(f([i], h) - f0), abs(f([i], -h) - f0))
+                    if moved > 16 * float(torch.finfo(self.dtype).eps) * max(abs(f0), 1e-30):
+                        bad.append((i, (False, 0.0, moved / h)))
         self.derivative_check = {
             "seconds": round(time.perf_counter() - t0, 4),
             "forwards": stats["forwards"],
@@ -581,7 +615,7 @@ class Objective:
             )
         if self.info.unused:
             self.info.notes.append(
-                "parameters that get no gradient (their Hessian rows are zero; finite differences agree): "
+                "parameters that get no gradient (their Hessian rows are zero; perturbing them does not change the loss): "
                 + ", ".join(self.info.unused)
             )
 

@@ -95,8 +95,12 @@ def _scalar(v: Any) -> bool:
     return isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
 
 
-def model_loss(out: Any, n_samples: int) -> ModelLoss:
-    """Read ``--loss model``'s output on a piece of ``n_samples`` samples (module docstring)."""
+def model_loss(out: Any, n_samples: int, form: str | None = None) -> ModelLoss:
+    """Read ``--loss model``'s output on a piece of ``n_samples`` samples (module docstring).
+
+    ``form`` ("mean" or "pair"), when given, is how the first piece was read: every piece is read
+    the same way (a ``(mean, prediction)`` tuple whose prediction has one element in a piece of one
+    sample is not a ``(sum, count)`` pair), and a piece that does not fit it is an error."""
     if isinstance(out, torch.Tensor):
         if out.numel() != 1:
             raise HesscliError(f"--loss model: the model returned a tensor of shape {tuple(out.shape)}, not a scalar loss")
@@ -113,11 +117,13 @@ def model_loss(out: Any, n_samples: int) -> ModelLoss:
             raise HesscliError(f"--loss model: the model's {kind} output holds {what}")
         return ModelLoss(v.reshape(()) * n_samples, float(n_samples), True)
     if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
-        if len(out) == 2 and all(_scalar(v) for v in out):
+        if len(out) == 2 and all(_scalar(v) for v in out) and form != "mean":
             s, c = out
             s = s if isinstance(s, torch.Tensor) else torch.tensor(float(s))
             c = float(c.detach()) if isinstance(c, torch.Tensor) else float(c)
             return ModelLoss(s.reshape(()), c, False)
+        if form == "pair":
+            raise HesscliError(f"--loss model: the model returned a pair (sum, count) on the first piece but {_describe(items)} on this one")
         if out and isinstance(out[0], torch.Tensor) and out[0].numel() == 1:
             return ModelLoss(out[0].reshape(()) * n_samples, float(n_samples), True)
     raise HesscliError(

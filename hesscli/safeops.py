@@ -10,7 +10,8 @@ torch does not implement at all, all with an exact equivalent:
   same global flags);
 - ``embedding(..., sparse=True)``: a sparse gradient cannot be differentiated again; the same
   function with a dense gradient is used (sparsity changes how the gradient is stored, not the
-  function);
+  function); likewise ``scale_grad_by_freq=True``, which rescales the gradient so that it is not the
+  loss's gradient;
 - ``embedding_bag``: its backward has no derivative; it is rewritten as an embedding lookup and a
   masked reduction over each bag (sum, mean or max, ``per_sample_weights``, ``padding_idx``,
   offsets or 2-D input, ``include_last_offset``).
@@ -53,6 +54,12 @@ def embedding_bag(
     zeros, as torch does."""
     if max_norm is not None:
         raise NotImplementedError("embedding_bag with max_norm renormalises the weight in place")
+    if isinstance(mode, int):
+        mode = _MODES[mode]
+    if per_sample_weights is not None and mode != "sum":
+        raise NotImplementedError("embedding_bag: per_sample_weights only work with mode='sum'")
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
     if input.dim() == 2:
         idx = input
         mask = torch.ones_like(idx, dtype=torch.bool)
@@ -62,7 +69,7 @@ def embedding_bag(
             raise ValueError("embedding_bag: 1-D input needs offsets")
         n = input.shape[0]
         starts = offsets[:-1] if include_last_offset else offsets
-        ends = torch.cat([starts[1:], starts.new_tensor([n])]) if not include_last_offset else offsets[1:]
+        ends = torch.cat([starts[1:], starts.new_tensor([n])])  # the last bag ends at n, as in torch
         lengths = ends - starts
         width = int(lengths.max()) if lengths.numel() else 0
         pos = torch.arange(width, device=input.device)
@@ -74,9 +81,9 @@ def embedding_bag(
         mask = mask & (idx != padding_idx)
     emb = F.embedding(idx, weight)  # (B, L, D)
     m = mask.unsqueeze(-1).to(emb.dtype)
-    if isinstance(mode, int):
-        mode = _MODES[mode]
     if mode == "max":
+        if emb.shape[1] == 0:  # every bag empty
+            return emb.new_zeros(emb.shape[0], emb.shape[2])
         filled = emb.masked_fill(~mask.unsqueeze(-1), float("-inf"))
         out = filled.amax(1)
         return torch.where(mask.any(1, keepdim=True), out, torch.zeros_like(out))
@@ -89,7 +96,10 @@ def embedding_bag(
 
 
 def _dense_embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
-    return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, False)
+    """The same lookup with a plain dense gradient: ``sparse`` and ``scale_grad_by_freq`` change
+    the gradient torch returns, not the function (``scale_grad_by_freq`` makes it no gradient of the
+    loss at all)."""
+    return F.embedding(input, weight, padding_idx, max_norm, norm_type, False, False)
 
 
 class SecondOrderSafe(TorchFunctionMode):
@@ -104,7 +114,8 @@ class SecondOrderSafe(TorchFunctionMode):
         if func is F.embedding_bag:
             self.swapped["embedding_bag"] = self.swapped.get("embedding_bag", 0) + 1
             return embedding_bag(*args, **kwargs)
-        if func is F.embedding and (kwargs.get("sparse") or (len(args) > 6 and args[6])):
+        if func is F.embedding and (kwargs.get("sparse") or (len(args) > 6 and args[6])
+                                    or kwargs.get("scale_grad_by_freq") or (len(args) > 5 and args[5])):
             self.swapped["embedding(sparse=True)"] = self.swapped.get("embedding(sparse=True)", 0) + 1
             return _dense_embedding(*args, **kwargs)
         return func(*args, **kwargs)

@@ -55,7 +55,7 @@ def test_checks_leave_the_weights_bit_identical_and_the_executor_flag_as_it_was(
     before = torch._C._get_graph_executor_optimize()
     lm = load_model(SAMPLES / "digits_cnn.pt")
     fresh = dict(load_model(SAMPLES / "digits_cnn.pt").module.named_parameters())
-    obj = Objective(lm.module, load_dataset([SAMPLES / "digits_images.pt"]), dtype="float32")
+    obj = Objective(lm.module, load_dataset([SAMPLES / "digits_images.pt"]), dtype="float32", copy=False)
     obj.hvp(torch.ones(obj.P))
     assert obj.derivative_check["forwards"] > 0
     for name, p in lm.module.named_parameters():
@@ -68,6 +68,17 @@ def test_float64_on_a_float32_script_is_cast_in_place_without_losing_references(
     float64 (its outputs differ from the float32 ones below float32 rounding) and the leaves are
     still the tensors it reads (the derivative check passes)."""
     lm = load_model(SAMPLES / "digits_cnn.pt")
-    obj = Objective(lm.module, load_dataset([SAMPLES / "digits_images.pt"]), dtype="float64")
+    obj = Objective(lm.module, load_dataset([SAMPLES / "digits_images.pt"]), dtype="float64", copy=False)
     assert all(p.dtype == torch.float64 for p in lm.module.parameters())
     assert obj.derivative_check["forwards"] > 0
+
+
+def test_the_callers_module_is_left_as_it_was():
+    """A library call on an in-memory module works on a copy (the default): dtype, values and
+    requires_grad of the caller's parameters are unchanged."""
+    lm = load_model(SAMPLES / "digits_cnn.pt")
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in lm.module.named_parameters()}
+    obj = Objective(lm.module, load_dataset([SAMPLES / "digits_images.pt"]), dtype="float64", params="^fc")
+    obj.hvp(torch.ones(obj.P, dtype=torch.float64))
+    for n, p in lm.module.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), before[n][0]) and p.requires_grad == before[n][1], n
