@@ -244,6 +244,7 @@ def test_instance_norm_reference_matches_finite_differences(tmp_path, which):
     assert np.abs(fd - exact).max() < 1e-6 * np.abs(ref.hessian).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["1d", "2d"])
 @pytest.mark.parametrize("fmt", ["state_dict", "safetensors"])
 def test_instance_norm_model(cli, tmp_path, which, fmt):

@@ -164,6 +164,7 @@ def test_sample_formats_use_the_chain(cli, tmp_path, fmt):
     assert np.abs(H - H2).max() <= 1e-5 * np.abs(H2).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sample,data,params", [("digits_cnn.pt", "digits_images.pt", "conv2|fc"),
                                                 ("diabetes_mlp.pt", "diabetes.pt", ".")])
 def test_non_chain_samples(cli, tmp_path, sample, data, params):

@@ -24,6 +24,8 @@ from reference import assert_close_matrix, reference
 
 from hesscli.api import ModelSpec, compute
 
+pytestmark = pytest.mark.slow  # real torchrun processes: tens of seconds each
+
 CNN = ("sample_checkpoints/archs.py:DigitsCNN", SAMPLES / "digits_cnn_state_dict.pt")
 MLP = ("sample_checkpoints/archs.py:DiabetesMLP", SAMPLES / "diabetes_mlp_state_dict.pt")
 LONG = "300"  # HESSCLI_TIMEOUT for runs that must end by propagation, well before it

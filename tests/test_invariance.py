@@ -58,6 +58,7 @@ def digits150(tmp_path_factory, digits):
     return p, compute(tmp, "base150", "--data", p)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [7, 100, 150, 1000])
 def test_batch_size(tmp_path, digits150, batch_size):
     shard, (base_meta, base) = digits150
@@ -99,6 +100,7 @@ def test_uneven_shards(tmp_path, baseline, digits, batch_size):
     same(arrays, baseline[1], f"shards 500/1000/297, --batch-size {batch_size}")
 
 
+@pytest.mark.slow
 def test_ignored_targets(tmp_path, digits150, digits):
     """An extra shard whose targets are all -100, and micro-batches (samples 50-99 under
     --batch-size 50, several under --batch-size 7) whose targets are all -100: the Hessian is that
