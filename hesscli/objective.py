@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import math
 import re
 import time
@@ -915,7 +916,14 @@ def _cast_in_place(module: nn.Module, device: torch.device, dtype: torch.dtype) 
 
 
 def _copy_module(module: nn.Module) -> nn.Module:
+    """An independent copy whose parameters are leaves: a ScriptModule through a save/load round
+    trip in memory (its ``deepcopy`` returns parameters that are not leaves), others ``deepcopy``."""
     try:
+        if isinstance(module, torch.jit.ScriptModule):
+            buf = io.BytesIO()
+            torch.jit.save(module, buf)
+            buf.seek(0)
+            return torch.jit.load(buf, map_location="cpu")
         return copy.deepcopy(module)
     except Exception as e:  # noqa: BLE001 - a module that cannot be copied
         raise HesscliError(f"the model cannot be copied ({reason(e)}); pass copy=False to let hesscli change it in place") from None

@@ -3,6 +3,7 @@ command-line quoting, option choices and bounds), and the build files say what t
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -90,8 +91,9 @@ def test_pyproject_license_is_an_spdx_string():
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_targets_and_ci():
     def recipe(target: str) -> str:
-        p = subprocess.run(["make", "-n", target, "BIN=.venv/bin", f"PYTHON={sys.executable}"], cwd=ROOT,
-                           capture_output=True, text=True, check=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}  # make within make (CI)
+        p = subprocess.run(["make", "--no-print-directory", "-n", target, "BIN=.venv/bin", f"PYTHON={sys.executable}"],
+                           cwd=ROOT, capture_output=True, text=True, check=True, env=env)
         return p.stdout.splitlines()[-1]
 
     assert "pytest" in recipe("test-fast") and '-m "not slow"' in recipe("test-fast")
