@@ -144,8 +144,9 @@ DENSE = {
 
 
 def truth(case: Case, device: str = "cpu") -> torch.Tensor:
-    """The dense float64 Hessian: reverse over reverse (``jacrev`` of ``grad``, chunked) of the eager
-    model in float64, with layer_norm/instance_norm computed from primitives (NOTES.md)."""
+    """The dense float64 Hessian: reverse over reverse (``jacrev`` of ``grad``, chunked: a vmap over
+    the pullback of the gradient, which NOTES.md measured right for layer_norm/instance_norm, unlike
+    ``torch.func.hessian`` and ``jacrev(jacrev)``) of the eager model in float64, math attention."""
     from hesscli.safeops import second_order_safe
 
     model, x, y, crit = case.load(device, torch.float64)
