@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .devices import no_tf32
+from .devices import tf32_off
 from .errors import HesscliError, MemoryBudgetError, UsageError
 from .memory import default_budget, fmt_bytes
 from .objective import Objective, ParamBlock, asymmetry_tolerance
@@ -165,6 +165,7 @@ def _localize(diff: torch.Tensor, obj: Objective, block: ParamBlock) -> str:
     return f"{name(r)} / {name(c)}"
 
 
+@tf32_off
 def dense_hessian(
     obj: Objective,
     mode: str = "auto",
@@ -184,27 +185,9 @@ def dense_hessian(
 
     Raises :class:`MemoryBudgetError` before allocating anything that would not fit, and
     :class:`HesscliError` when the computed matrix is not symmetric to float tolerance (a wrong
-    second derivative somewhere), naming the parameters where the asymmetry is largest.
+    second derivative somewhere), naming the parameters where the asymmetry is largest. TF32 is off
+    meanwhile on CUDA, the caller's settings restored.
     """
-    with no_tf32():
-        return _dense_hessian(obj, mode=mode, blocks=blocks, max_memory=max_memory, eigenvectors=eigenvectors,
-                              symmetric=symmetric, chunk_size=chunk_size, progress=progress, plan=plan,
-                              column_comm=column_comm)
-
-
-def _dense_hessian(
-    obj: Objective,
-    mode: str = "auto",
-    blocks: str = "module",
-    max_memory: int | None = None,
-    eigenvectors: bool = False,
-    symmetric: bool = True,
-    chunk_size: int | None = None,
-    progress: Progress | None = None,
-    plan: DensePlan | None = None,
-    column_comm=None,
-) -> DenseResult:
-    """The body of :func:`dense_hessian` (TF32 already off)."""
     t0 = time.perf_counter()
     progress = progress or NullProgress()
     plan = plan or plan_dense(obj, mode, blocks, max_memory, eigenvectors, chunk_size)

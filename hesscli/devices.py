@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 from .errors import HesscliError, UsageError
 
-__all__ = ["resolve_device", "resolve_dtype", "no_tf32"]
+__all__ = ["resolve_device", "resolve_dtype", "no_tf32", "tf32_off"]
 
 
 def resolve_device(spec: str | None) -> torch.device:
@@ -41,6 +42,17 @@ def resolve_dtype(spec: str | None, param_dtypes: list[torch.dtype]) -> torch.dt
     if spec not in table:
         raise UsageError(f"--dtype '{spec}': choose float32 or float64")
     return table[spec]
+
+
+def tf32_off(fn):
+    """Decorator: ``fn`` runs inside :func:`no_tf32`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with no_tf32():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager

@@ -14,21 +14,10 @@ from .errors import UsageError
 from .loading import load_model, parse_arch_kwargs
 from .memory import default_budget, fmt_bytes
 from .objective import param_blocks
+from .ties import tied_parameters
 
 __all__ = ["inspect_model"]
 
-
-def _aliases(module) -> dict[str, str]:
-    """Parameter names that alias an earlier one (tied weights), to that name."""
-    first: dict = {}
-    out = {}
-    for n, p in module.named_parameters(remove_duplicate=False):
-        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
-        if key in first:
-            out[n] = first[key]
-        else:
-            first[key] = n
-    return out
 
 
 def inspect_model(spec: ModelSpec, console: Console):
@@ -49,7 +38,7 @@ def inspect_model(spec: ModelSpec, console: Console):
         lm = load_model(spec.model, spec.arch, kwargs, spec.trust_code)
         named = lm.named_parameters()
         frozen = {n for n, p in named if not p.requires_grad}
-        tied = [{"name": n, "tied_to": first} for n, first in _aliases(lm.module).items()]
+        tied = tied_parameters(lm.module)
         if spec.trainable_only:
             named = [(n, p) for n, p in named if n not in frozen]
         if spec.params:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import HesscliError, UsageError, clean_message
+from .ties import storage_key, tie_groups
 
 __all__ = ["LoadedModel", "detect_format", "load_model", "resolve_arch", "file_sha256", "quiet_torch"]
 
@@ -283,7 +284,7 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
     filled from it (``safetensors.torch.save_model`` stores a tied tensor once). Returns notes."""
     expected = model.state_dict()
     notes = []
-    ties = _tie_groups(model)
+    ties = tie_groups(model)
     filled = {}
     for k in expected:
         if k not in state:
@@ -316,14 +317,6 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
     with torch.no_grad():
         model.load_state_dict({k: state[k] for k in expected}, strict=True)
     return notes
-
-
-def _tie_groups(model: nn.Module) -> dict[str, list[str]]:
-    """For each parameter name of a tied tensor, every name of that tensor (in named order)."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {n: group for group in names.values() if len(group) > 1 for n in group}
 
 
 def _common_prefix(state: dict) -> str | None:
@@ -494,7 +487,7 @@ def _retie(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     for name, t in state.items():
         if name not in params:
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        key = storage_key(t)
         if key not in first:
             first[key] = name
             continue

@@ -48,6 +48,7 @@ from .loading import reason
 from .losses import Loss, causal_lm_loss, resolve_loss
 from .outputs import model_loss, prediction
 from .safeops import float64_everywhere, second_order_safe
+from .ties import tied_parameters, unique_parameters
 
 __all__ = ["Objective", "Linearization", "ParamBlock", "ENGINES", "param_blocks", "asymmetry_tolerance"]
 
@@ -160,10 +161,6 @@ class ObjectiveInfo:
     warnings: list[str] = field(default_factory=list)
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.device.type)
-
-
 class Objective:
     """The training loss of a model on a data set, as a function of the selected parameters.
 
@@ -221,12 +218,12 @@ class Objective:
             module = _copy_module(module)
         self.module = module
         self.is_script = isinstance(module, torch.jit.ScriptModule)
-        everything = _unique_params(module)
+        everything = unique_parameters(module)
         if isinstance(dtype, torch.dtype):
             self.dtype = dtype
         else:
             self.dtype = resolve_dtype(dtype, [p.dtype for _, p in everything])
-        self.tied = _tied(module)
+        self.tied = tied_parameters(module)
         frozen = [n for n, p in everything if not p.requires_grad]
         _cast_in_place(module, self.device, self.dtype)
         self.hvps = 0
@@ -869,33 +866,6 @@ def param_blocks(names: Sequence[str], offsets: Sequence[int], by: str = "module
         else:
             seen[key] = 0
         out.append(ParamBlock(name, tuple(idx), offsets[idx[0]], offsets[idx[-1] + 1]))
-    return out
-
-
-def _unique_params(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``named_parameters()`` with each tensor once, under its first name (a tie is one tensor even
-    where two Parameter objects share a storage)."""
-    seen: set = set()
-    out = []
-    for n, p in module.named_parameters():
-        key = _storage_key(p)
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append((n, p))
-    return out
-
-
-def _tied(module: nn.Module) -> list[dict]:
-    """Names that alias an earlier parameter: [{"name": alias, "tied_to": first name}]."""
-    first: dict = {}
-    out = []
-    for n, p in module.named_parameters(remove_duplicate=False):
-        key = _storage_key(p)
-        if key in first:
-            out.append({"name": n, "tied_to": first[key]})
-        else:
-            first[key] = n
     return out
 
 
