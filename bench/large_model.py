@@ -123,10 +123,10 @@ def compare_blocks() -> None:
     import numpy as np
     import torch
 
+    from hesscli.algorithms.dense import dense_hessian
+    from hesscli.algorithms.lanczos import lanczos
+    from hesscli.algorithms.operators import HessianOperator
     from hesscli.api import ModelSpec, open_session
-    from hesscli.dense import dense_hessian
-    from hesscli.lanczos import lanczos
-    from hesscli.operators import HessianOperator
 
     spec = lambda dt: ModelSpec(str(SAMPLES / "digits_mlp.pt"), data=[str(SAMPLES / "digits.pt")], dtype=dt)  # noqa: E731
     ev = dense_hessian(open_session(spec("float64")).objective, mode="full").blocks[0].eigenvalues

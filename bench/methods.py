@@ -46,7 +46,7 @@ def session(case: Case, device: str, dtype: str | None = None, engine: str = "au
 
 
 def dense_hesscli(case: Case, device: str, symmetric: bool = True, engine: str = "auto") -> dict:
-    from hesscli.dense import dense_hessian
+    from hesscli.algorithms.dense import dense_hessian
 
     obj = session(case, device, engine=engine).objective
     t = clock(device)
@@ -147,7 +147,7 @@ def truth(case: Case, device: str = "cpu") -> torch.Tensor:
     """The dense float64 Hessian: reverse over reverse (``jacrev`` of ``grad``, chunked: a vmap over
     the pullback of the gradient, which NOTES.md measured right for layer_norm/instance_norm, unlike
     ``torch.func.hessian`` and ``jacrev(jacrev)``) of the eager model in float64, math attention."""
-    from hesscli.safeops import second_order_safe
+    from hesscli.objective.safeops import second_order_safe
 
     model, x, y, crit = case.load(device, torch.float64)
     names, params = _named(model)
@@ -247,9 +247,9 @@ class _Counter:
 
 
 def spectral_hesscli(case: Case, device: str, k: int, matvecs: int) -> dict:
-    from hesscli.lanczos import lanczos
-    from hesscli.operators import HessianOperator
-    from hesscli.trace import estimate_trace
+    from hesscli.algorithms.lanczos import lanczos
+    from hesscli.algorithms.operators import HessianOperator
+    from hesscli.algorithms.trace import estimate_trace
 
     obj = session(case, device).objective
     op = HessianOperator(obj)
@@ -363,7 +363,7 @@ def hvp_flops(case: Case, device: str) -> dict:
     symmetric dense Hessian's products as hesscli runs them, and the time of one product."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hesscli.dense import dense_hessian
+    from hesscli.algorithms.dense import dense_hessian
 
     obj = session(case, device).objective
     v = torch.randn(obj.P)

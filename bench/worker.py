@@ -33,8 +33,8 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    # the allocator setting hesscli's CLI makes, for every method alike (see hesscli.memory)
-    from hesscli.memory import keep_freed_memory
+    # the allocator setting hesscli's CLI makes, for every method alike (see hesscli.runtime.memory)
+    from hesscli.runtime.memory import keep_freed_memory
 
     keep_freed_memory()
     rss0 = rss_bytes()

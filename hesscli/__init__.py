@@ -9,15 +9,15 @@ Library API (the CLI is a thin layer over it)::
 
 __version__ = "0.1.0"
 
-from .api import ModelSpec, Session, compute, open_session  # noqa: E402
-from .data import Dataset, load_dataset  # noqa: E402
-from .dense import DenseResult, dense_hessian, plan_dense  # noqa: E402
-from .errors import HesscliError, MemoryBudgetError, UsageError  # noqa: E402
-from .loading import LoadedModel, detect_format, load_model  # noqa: E402
-from .losses import Loss, resolve_loss  # noqa: E402
-from .objective import Linearization, Objective  # noqa: E402
-from .results import ResultFile, read_result, write_result  # noqa: E402
-from .safeops import second_order_safe  # noqa: E402
+from hesscli.algorithms.dense import DenseResult, dense_hessian, plan_dense  # noqa: E402
+from hesscli.api import ModelSpec, Session, compute, open_session  # noqa: E402
+from hesscli.errors import HesscliError, MemoryBudgetError, UsageError  # noqa: E402
+from hesscli.io.data import Dataset, load_dataset  # noqa: E402
+from hesscli.io.loading import LoadedModel, detect_format, load_model  # noqa: E402
+from hesscli.io.resultfile import ResultFile, read_result, write_result  # noqa: E402
+from hesscli.objective.core import Linearization, Objective  # noqa: E402
+from hesscli.objective.losses import Loss, resolve_loss  # noqa: E402
+from hesscli.objective.safeops import second_order_safe  # noqa: E402
 
 __all__ = [
     # pipeline

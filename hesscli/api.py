@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .data import Dataset, load_dataset
-from .dense import DenseResult, dense_hessian, plan_dense
-from .errors import UsageError
-from .loading import LoadedModel, load_model, parse_arch_kwargs
-from .memory import default_budget, parse_size
-from .objective import Objective
-from .progress import Progress
-from .results import check_output, command_line, summarize, utc_now, write_result
+from hesscli import __version__
+from hesscli.algorithms.dense import DenseResult, dense_hessian, plan_dense
+from hesscli.errors import UsageError
+from hesscli.io.data import Dataset, load_dataset
+from hesscli.io.loading import LoadedModel, load_model, parse_arch_kwargs
+from hesscli.io.resultfile import check_output, command_line, summarize, utc_now, write_result
+from hesscli.objective.core import Objective
+from hesscli.runtime.memory import default_budget, parse_size
+from hesscli.runtime.progress import Progress
 
 __all__ = ["ModelSpec", "Session", "open_session", "compute", "base_meta"]
 
@@ -218,7 +218,7 @@ def compute(
 ) -> dict:
     """``hesscli compute``: the dense Hessian into ``out``; returns the summary (``--json``).
 
-    Under torchrun (``comm`` from :func:`hesscli.distributed.from_env`), ``split="data"`` divides
+    Under torchrun (``comm`` from :func:`hesscli.runtime.distributed.from_env`), ``split="data"`` divides
     the data over the ranks and ``split="columns"`` the Hessian's columns; rank 0 alone writes.
     """
     t0 = time.perf_counter()

@@ -7,14 +7,14 @@ import re
 from rich.console import Console
 from rich.table import Table
 
-from .api import ModelSpec, open_session
-from .console import fmt_num
-from .dense import dense_bytes
-from .errors import UsageError
-from .loading import load_model, parse_arch_kwargs
-from .memory import default_budget, fmt_bytes
-from .objective import param_blocks
-from .ties import tied_parameters
+from hesscli.algorithms.dense import dense_bytes
+from hesscli.api import ModelSpec, open_session
+from hesscli.cli.console import fmt_num
+from hesscli.errors import UsageError
+from hesscli.io.loading import load_model, parse_arch_kwargs
+from hesscli.objective.core import param_blocks
+from hesscli.objective.ties import tied_parameters
+from hesscli.runtime.memory import default_budget, fmt_bytes
 
 __all__ = ["inspect_model"]
 

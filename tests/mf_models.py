@@ -4,7 +4,7 @@
   its Hessian is 2/(N·k)·[X 1]ᵀ[X 1] ⊗ I_k: every eigenvalue repeated k times (closed form).
   ``least_squares_case`` writes it on real data (scikit-learn's diabetes, standardized, with its
   degree-2 polynomial features: 65 inputs) as a state_dict and a data shard.
-- ``digits_truth``: the digits MLP sample's dense float64 Hessian (``hesscli.dense``), computed once
+- ``digits_truth``: the digits MLP sample's dense float64 Hessian (``hesscli.algorithms.dense``), computed once
   per process.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hesscli.operators import SymOperator
+from hesscli.algorithms.operators import SymOperator
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"
@@ -62,8 +62,8 @@ def least_squares_case(tmp: Path, k: int = 4, seed: int = 0):
 @functools.cache
 def digits_truth():
     """(H float64 (P, P), eigenvalues ascending) of the digits MLP sample, from the dense float64 Hessian."""
+    from hesscli.algorithms.dense import dense_hessian
     from hesscli.api import ModelSpec, open_session
-    from hesscli.dense import dense_hessian
 
     s = open_session(ModelSpec(str(DIGITS_MLP), data=[str(DIGITS)], dtype="float64"))
     r = dense_hessian(s.objective, mode="full")

@@ -16,8 +16,8 @@ from conftest import ROOT, SAMPLES, load_result
 from models import ChainMLP, HandAffine, ResidualMLP, SharedMLP, SigmoidHead, randomize_, save_shard, save_state_dict
 from reference import assert_close_matrix, reference_hessian
 
+from hesscli.algorithms.dense import dense_hessian
 from hesscli.api import ModelSpec, open_session
-from hesscli.dense import dense_hessian
 from hesscli.errors import HesscliError
 
 MODELS_PY = str(ROOT / "tests" / "models.py")
@@ -204,8 +204,8 @@ def test_a_piece_that_runs_another_forward_is_refused():
     same weights, else that piece is not a chain product (the objective then uses autograd)."""
     from torch.func import functional_call
 
-    from hesscli.chain import ChainLinearization, ChainProgram, NotAChain, record_chain
-    from hesscli.losses import Loss
+    from hesscli.objective.chain import ChainLinearization, ChainProgram, NotAChain, record_chain
+    from hesscli.objective.losses import Loss
 
     x, y = _digits(50)
     model = randomize_(ChainMLP(widths=[64, 5, 10], act="tanh"))

@@ -89,7 +89,7 @@ def test_end_to_end_process(tmp_path):
 
 def test_json_has_no_nan(cli, tmp_path):
     """A non-finite number is null in JSON (SPEC.md): summarize a result whose meta holds NaN."""
-    from hesscli.results import json_safe, summarize
+    from hesscli.io.resultfile import json_safe, summarize
 
     doc = json_safe({"a": float("nan"), "b": [float("inf"), np.float32("-inf"), 1.5], "c": np.float64(2.0)})
     assert doc == {"a": None, "b": [None, None, 1.5], "c": 2.0}

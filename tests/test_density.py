@@ -17,7 +17,7 @@ from mf_models import (
     wasserstein,
 )
 
-from hesscli.density import slq, smooth, text_histogram
+from hesscli.algorithms.density import slq, smooth, text_histogram
 
 
 @pytest.fixture(autouse=True, scope="module")

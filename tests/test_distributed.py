@@ -252,7 +252,7 @@ def test_stuck_rank_times_out(shards, tmp_path):
         textwrap.dedent(
             """
             import sys, time
-            from hesscli import distributed
+            from hesscli.runtime import distributed
             if distributed.from_env().rank == 1:
                 time.sleep(600)
             from hesscli.cli import main
@@ -285,8 +285,8 @@ def test_matrix_free_commands_split_the_data(shards, tmp_path):
 
 def test_environment_checks(monkeypatch):
     """One process is not distributed; a bad HESSCLI_TIMEOUT is refused before joining anyone."""
-    from hesscli import distributed
     from hesscli.errors import HesscliError
+    from hesscli.runtime import distributed
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.from_env() is None

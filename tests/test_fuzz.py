@@ -19,10 +19,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hesscli.data import load_dataset
 from hesscli.errors import HesscliError
-from hesscli.loading import FORMATS, detect_format, load_model
-from hesscli.results import read_result, summarize
+from hesscli.io.data import load_dataset
+from hesscli.io.loading import FORMATS, detect_format, load_model
+from hesscli.io.resultfile import read_result, summarize
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 ARCH = f"{SAMPLES / 'archs.py'}:DiabetesMLP"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mf_models import MatOp, cli, least_squares_case, one_thread
 
-from hesscli.trace import estimate_trace
+from hesscli.algorithms.trace import estimate_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_checkpoints"
@@ -176,7 +176,7 @@ def _refuse_eigensolvers(m: pytest.MonkeyPatch) -> None:
     import scipy.linalg
     import scipy.sparse.linalg
 
-    import hesscli.lanczos
+    import hesscli.algorithms.lanczos
 
     def refuse(*a, **k):
         raise AssertionError("an eigendecomposition was computed")
@@ -186,7 +186,7 @@ def _refuse_eigensolvers(m: pytest.MonkeyPatch) -> None:
                        (np.linalg, ("eigh", "eigvalsh", "eig", "eigvals")),
                        (scipy.linalg, ("eigh", "eigvalsh", "eig")),
                        (scipy.sparse.linalg, ("eigsh", "eigs", "lobpcg")),
-                       (hesscli.lanczos, ("dense_eigs", "lanczos"))):
+                       (hesscli.algorithms.lanczos, ("dense_eigs", "lanczos"))):
         for name in names:
             m.setattr(mod, name, refuse)
 
@@ -211,7 +211,7 @@ def _stored(tmp_path, capsys, *extra) -> tuple[Path, np.ndarray]:
 
 @pytest.mark.parametrize("which", ["largest", "smallest", "both", "magnitude"])
 def test_spectrum_of_stored_full_result_does_no_eigendecomposition(tmp_path, capsys, monkeypatch, stored_full, which):
-    from hesscli.lanczos import select
+    from hesscli.algorithms.lanczos import select
 
     h, ev = stored_full
     with monkeypatch.context() as m:

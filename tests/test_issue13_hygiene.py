@@ -21,7 +21,7 @@ SAMPLES = ROOT / "sample_checkpoints"
 def test_fmt_bytes_is_rich_filesize():
     from rich.filesize import decimal
 
-    from hesscli.memory import fmt_bytes
+    from hesscli.runtime.memory import fmt_bytes
 
     for n in (0, 1, 999, 1000, 20e6, 3.5e9, 2**40):
         assert fmt_bytes(n) == decimal(int(n), precision=2)
@@ -40,7 +40,7 @@ def test_clean_message_strips_ansi_and_folds_whitespace():
 
 @pytest.mark.parametrize("args", [["spectrum", "my model.pt", "--data", "it's.pt"], ["trace", "", "a\"b", "$HOME"]])
 def test_command_line_round_trips_through_a_shell(monkeypatch, args):
-    from hesscli import results
+    from hesscli.io import resultfile as results
 
     monkeypatch.setattr(results, "CURRENT_ARGV", args)
     line = results.command_line()

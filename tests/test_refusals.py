@@ -35,7 +35,7 @@ import pytest
 import torch
 
 import hesscli.api
-import hesscli.results
+import hesscli.io.resultfile
 from hesscli.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,7 +277,7 @@ def disk_full(mp: pytest.MonkeyPatch, d: Path) -> None:
         f = open(path, mode, *a, **kw)
         return _FailingFile(f, errno.ENOSPC, 1000) if "w" in mode else f
 
-    mp.setattr(hesscli.results, "open", fake_open, raising=False)
+    mp.setattr(hesscli.io.resultfile, "open", fake_open, raising=False)
 
 
 def open_denied(mp: pytest.MonkeyPatch, d: Path) -> None:
@@ -288,7 +288,7 @@ def open_denied(mp: pytest.MonkeyPatch, d: Path) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return open(path, mode, *a, **kw)
 
-    mp.setattr(hesscli.results, "open", fake_open, raising=False)
+    mp.setattr(hesscli.io.resultfile, "open", fake_open, raising=False)
 
 
 def forbid_dense(mp: pytest.MonkeyPatch, d: Path) -> None:
@@ -932,7 +932,7 @@ def test_unused_parameters_get_zero_rows(tmp_path, capfd, caplog):
     columns are exactly zero; the rest equals a float64 torch.func reference."""
     from torch.func import functional_call, hessian
 
-    from hesscli.results import read_result
+    from hesscli.io.resultfile import read_result
 
     model_argv = arch_model(tmp_path, "Unused")
     data = tiny_data(tmp_path)

@@ -28,7 +28,7 @@ MARKER = b"hook: blocked, waiting for the signal\n"
 # the signal's exception ends the sleep. --quiet keeps every other line off stderr until the error.
 LAUNCH = f"""
 import os, sys, time
-import hesscli.api, hesscli.progress
+import hesscli.api, hesscli.runtime.progress
 from hesscli.cli import main
 
 def block(*args, **kwargs):
@@ -38,7 +38,7 @@ def block(*args, **kwargs):
 
 hook = sys.argv.pop(1)
 if hook == "hessian":  # the first progress report of the dense Hessian: rows are done, more to come
-    hesscli.progress.NullProgress.advance = block
+    hesscli.runtime.progress.NullProgress.advance = block
 elif hook == "write":  # the temporary result file is written and about to be fsynced and renamed
     os.fsync = block
 else:

@@ -1,5 +1,5 @@
 """``hesscli spectrum``: block Lanczos on Hessian-vector products and eigh on result files, against
-the dense float64 Hessian (``hesscli.dense`` on the eager model) and closed forms."""
+the dense float64 Hessian (``hesscli.algorithms.dense`` on the eager model) and closed forms."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from mf_models import (
     one_thread,
 )
 
-from hesscli.lanczos import lanczos, select
-from hesscli.operators import DenseOperator
+from hesscli.algorithms.lanczos import lanczos, select
+from hesscli.algorithms.operators import DenseOperator
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -187,7 +187,7 @@ def test_not_converged_exit_4_and_usage_errors(tmp_path, capsys, monkeypatch):
 
 
 def test_symmetry_probe_stops_matrix_free_work(tmp_path, capsys, monkeypatch):
-    from hesscli.objective import Objective
+    from hesscli.objective.core import Objective
 
     monkeypatch.setattr(Objective, "symmetry_probe", lambda self, seed=0: (0.5, "fc1.weight / fc2.weight"))
     code, js, err = cli(capsys, "trace", DIGITS_MLP, "--data", DIGITS, "-o", tmp_path / "t.npz")

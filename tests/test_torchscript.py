@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from conftest import SAMPLES
 from reference import load_arch, load_data
 
-from hesscli.data import load_dataset
-from hesscli.loading import load_model
-from hesscli.objective import Objective
+from hesscli.io.data import load_dataset
+from hesscli.io.loading import load_model
+from hesscli.objective.core import Objective
 
 
 def _eager_products(V: torch.Tensor, x, y) -> torch.Tensor:

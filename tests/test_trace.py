@@ -18,10 +18,10 @@ from mf_models import (
     one_thread,
 )
 
+from hesscli.algorithms.operators import HessianOperator
+from hesscli.algorithms.trace import _xtrace, choose_method, estimate_trace
 from hesscli.api import ModelSpec, open_session
-from hesscli.operators import HessianOperator
-from hesscli.progress import NullProgress
-from hesscli.trace import _xtrace, choose_method, estimate_trace
+from hesscli.runtime.progress import NullProgress
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import Common, app, emit, with_options
+from hesscli.cli.base import Common, app, emit, with_options
 
 
 @app.command()
@@ -21,8 +21,8 @@ def batch(
     common: Common,
 ) -> int:
     """Tokenise text into a data shard (.pt) for the model's head: padding, attention mask, labels."""
-    from .console import err_console
-    from .hf import make_batch, read_texts, save_shard
+    from hesscli.cli.console import err_console
+    from hesscli.io.hf import make_batch, read_texts, save_shard
 
     out = Path(common.out or "batch.pt")
     texts, labels = read_texts(Path(text) if text else None, Path(jsonl) if jsonl else None)

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import HesscliError, UsageError
-from .results import ResultFile, check_output, command_line, read_result, summarize, utc_now, write_result
+from hesscli import __version__
+from hesscli.errors import HesscliError, UsageError
+from hesscli.io.resultfile import ResultFile, check_output, command_line, read_result, summarize, utc_now, write_result
 
 __all__ = ["merge_results"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import HesscliError, UsageError
+from hesscli.errors import HesscliError, UsageError
 
 __all__ = ["Loss", "LOSSES", "resolve_loss", "causal_lm_loss", "IGNORE_INDEX"]
 

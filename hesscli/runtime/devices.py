@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from .errors import HesscliError, UsageError
+from hesscli.errors import HesscliError, UsageError
 
 __all__ = ["resolve_device", "resolve_dtype", "no_tf32", "tf32_off"]
 
@@ -58,7 +58,7 @@ def tf32_off(fn):
 @contextlib.contextmanager
 def no_tf32():
     """TF32 loses about three digits of a float32 Hessian on CUDA: off inside this context (every
-    evaluation and product of :class:`~hesscli.objective.Objective`), and the caller's settings
+    evaluation and product of :class:`~hesscli.objective.core.Objective`), and the caller's settings
     restored on exit."""
     if not torch.cuda.is_available():
         yield

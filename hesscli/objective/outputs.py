@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import HesscliError
+from hesscli.errors import HesscliError
 
 __all__ = ["entries", "prediction", "model_loss", "ModelLoss"]
 

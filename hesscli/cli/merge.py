@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from .cli import Common, app, emit, with_options
-from .errors import UsageError
+from hesscli.cli.base import Common, app, emit, with_options
+from hesscli.errors import UsageError
 
 
 @app.command()
@@ -20,8 +20,8 @@ def merge(
     common: Common,
 ) -> int:
     """Combine compute results on separate shards, weighted by their loss terms (needs -o)."""
-    from .console import err_console, summary_footer, summary_table
-    from .merge import merge_results
+    from hesscli.algorithms.merge import merge_results
+    from hesscli.cli.console import err_console, summary_footer, summary_table
 
     if not common.out:
         raise UsageError("merge needs -o OUT.npz")

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import HesscliError, UsageError
-from .operators import DenseOperator, SymOperator
-from .progress import NullProgress, Progress
+from hesscli.algorithms.operators import DenseOperator, SymOperator
+from hesscli.errors import HesscliError, UsageError
+from hesscli.runtime.progress import NullProgress, Progress
 
 __all__ = ["DensityResult", "slq", "smooth", "smoothing_sigma", "spectral_density", "text_histogram", "plot_density",
            "DENSE_RESOLUTION"]

@@ -1,9 +1,9 @@
 """``hesscli spectrum``, ``trace`` and ``density``: on a model (matrix-free, Hessian-vector products)
 or on a ``compute`` result file (dense linear algebra on the stored matrices).
 
-A source resolves to one or more named symmetric operators (:mod:`hesscli.operators`): the whole
+A source resolves to one or more named symmetric operators (:mod:`hesscli.algorithms.operators`): the whole
 Hessian, or with ``--per-block`` (and always for a block-mode result file) one diagonal block per
-module. The algorithms (:mod:`hesscli.lanczos`, :mod:`hesscli.trace`, :mod:`hesscli.density`)
+module. The algorithms (:mod:`hesscli.algorithms.lanczos`, :mod:`hesscli.algorithms.trace`, :mod:`hesscli.algorithms.density`)
 consume those; this module resolves the source, runs them, writes the result and formats it.
 
 Per-block answers (``--per-block``, or a block-mode result file) describe the block-diagonal part
@@ -33,10 +33,10 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from .api import _stage
-from .cli import Common, _comm, app, emit, model_spec, with_options
-from .errors import HesscliError, UsageError
-from .operators import DenseOperator, HessianOperator, SymOperator
+from hesscli.algorithms.operators import DenseOperator, HessianOperator, SymOperator
+from hesscli.api import _stage
+from hesscli.cli.base import Common, _comm, app, emit, model_spec, with_options
+from hesscli.errors import HesscliError, UsageError
 
 SOURCE_HELP = "A result file from 'hesscli compute' (default: hessian.npz) or a model file (then --data is needed)."
 
@@ -139,8 +139,8 @@ def _reader(rf, key: str) -> Callable[[], np.ndarray | None] | None:
 
 
 def _result_source(path: str, per_block: bool, command: str) -> Source:
-    from .objective import param_blocks
-    from .results import command_line, read_result, utc_now
+    from hesscli.io.resultfile import command_line, read_result, utc_now
+    from hesscli.objective.core import param_blocks
 
     rf = read_result(path)
     meta = dict(rf.meta)
@@ -183,8 +183,8 @@ def _result_source(path: str, per_block: bool, command: str) -> Source:
 
 
 def _model_source(path: str, spec_kw: dict, per_block: bool, command: str, comm=None) -> Source:
-    from .api import base_meta, open_session
-    from .dense import asymmetry_tolerance
+    from hesscli.algorithms.dense import asymmetry_tolerance
+    from hesscli.api import base_meta, open_session
 
     session = open_session(model_spec(path, spec_kw), comm)
     obj = session.objective
@@ -215,7 +215,7 @@ def _model_source(path: str, spec_kw: dict, per_block: bool, command: str, comm=
 def _start(common: Common, default_out: str):
     """The output path, the torchrun communicator (or None) and whether this rank writes; the
     output is checked before any work, on the writing rank, and every rank learns of a refusal."""
-    from .results import check_output
+    from hesscli.io.resultfile import check_output
 
     out = common.out or default_out
     comm = _comm()
@@ -239,7 +239,7 @@ def _hvps(src: Source) -> int:
 
 def _finish(src: Source, arrays: dict, meta_extra: dict, out: str, force: bool, t0: float, writer: bool = True,
             notes: list[str] | None = None) -> dict:
-    from .results import write_result
+    from hesscli.io.resultfile import write_result
 
     meta = dict(src.meta)
     meta.update(meta_extra)
@@ -273,7 +273,7 @@ def _summary_head(src: Source, command: str, out: str, meta: dict, status: str =
 
 
 def _footer(summary: dict) -> str:
-    from .console import fmt_num
+    from hesscli.cli.console import fmt_num
 
     parts = [f"P = {fmt_num(summary.get('n_params'))}", f"source: {summary['source']['kind']} {summary['source']['path']}"]
     if summary.get("dtype"):
@@ -310,8 +310,8 @@ def spectrum(
     common: Common,
 ) -> int:
     """Extreme eigenvalues with residuals: block Lanczos on a model, the stored eigenvalues (or eigh) of a result file."""
-    from .console import err_console, make_progress
-    from .lanczos import lanczos, select, stored_eigs
+    from hesscli.algorithms.lanczos import lanczos, select, stored_eigs
+    from hesscli.cli.console import err_console, make_progress
 
     which = Which(which).value
     if not (tol > 0):  # click has no open interval bound that typer exposes
@@ -392,7 +392,7 @@ def spectrum(
     def render():
         from rich.table import Table
 
-        from .console import fmt_num
+        from hesscli.cli.console import fmt_num
 
         def residual(x) -> str:
             x = float(np.max(x)) if np.size(x) else math.nan
@@ -447,8 +447,8 @@ def trace(
     common: Common,
 ) -> int:
     """The trace of the Hessian: exact, or estimated (Hutchinson, Hutch++, XTrace) with a standard error."""
-    from .console import err_console, make_progress
-    from .trace import TraceResult, combine, estimate_trace
+    from hesscli.algorithms.trace import TraceResult, combine, estimate_trace
+    from hesscli.cli.console import err_console, make_progress
 
     method = TraceMethod(method).value
     t0 = time.perf_counter()
@@ -494,7 +494,7 @@ def trace(
     def render():
         from rich.table import Table
 
-        from .console import fmt_num
+        from hesscli.cli.console import fmt_num
 
         title = "trace" + (" per block" if multi else "")
         if src.approximation:  # the blocks' traces add up to tr H: the diagonal blocks hold the whole diagonal
@@ -536,9 +536,9 @@ def density(
     common: Common,
 ) -> int:
     """The eigenvalue density by stochastic Lanczos quadrature (exact eigenvalues for a result file)."""
-    from .console import err_console, make_progress
-    from .density import DENSE_RESOLUTION, smooth, smoothing_sigma, spectral_density, text_histogram
-    from .results import check_output
+    from hesscli.algorithms.density import DENSE_RESOLUTION, smooth, smoothing_sigma, spectral_density, text_histogram
+    from hesscli.cli.console import err_console, make_progress
+    from hesscli.io.resultfile import check_output
 
     t0 = time.perf_counter()
     out, comm, writer = _start(common, "density.npz")
@@ -595,7 +595,7 @@ def density(
         "smoothing": f"gaussian, sigma = (lambda_max - lambda_min) / (2 * {'steps' if slq_used else DENSE_RESOLUTION})",
     }, out, common.force, t0, writer, notes)
     if plot and writer:
-        from .density import plot_density
+        from hesscli.algorithms.density import plot_density
 
         plot_density(plot, grid, dens, title=f"Hessian eigenvalue density ({Path(src.path).name})")
     summary = _summary_head(src, "density", out, meta)
@@ -606,7 +606,7 @@ def density(
     def render():
         from rich.table import Table
 
-        from .console import fmt_num
+        from hesscli.cli.console import fmt_num
 
         if multi:
             tb = Table(title="density per block", title_justify="left")

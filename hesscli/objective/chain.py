@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .losses import IGNORE_INDEX, Loss
+from hesscli.objective.losses import IGNORE_INDEX, Loss
 
 __all__ = ["ChainProgram", "ChainLinearization", "NotAChain", "record_chain"]
 
@@ -277,7 +277,7 @@ def _scalar_args(args, kwargs) -> bool:
 
 class ChainLinearization:
     """One piece's primal quantities for :class:`ChainProgram` products; the interface of
-    :class:`hesscli.objective.Linearization` (``apply``), products unscaled."""
+    :class:`hesscli.objective.core.Linearization` (``apply``), products unscaled."""
 
     def __init__(self, program: ChainProgram, ops: list[tuple], params: Sequence[torch.Tensor],
                  out: torch.Tensor, y: torch.Tensor, loss: Loss):
@@ -330,7 +330,7 @@ class ChainLinearization:
         self.nbytes = sum(t.numel() * t.element_size() for t in self.A + self.delta + self.s1 + self.c2 if t is not None)
 
     def apply(self, vectors: Sequence[torch.Tensor], of: Sequence[int], wrt: Sequence[int], batched: bool) -> list[torch.Tensor]:
-        """∂/∂θ_wrt of Σ_{j in of} ⟨g_j, v_j⟩ (see :class:`hesscli.objective.Linearization`)."""
+        """∂/∂θ_wrt of Σ_{j in of} ⟨g_j, v_j⟩ (see :class:`hesscli.objective.core.Linearization`)."""
         if not batched:
             return [r[0] for r in self.apply([v.unsqueeze(0) for v in vectors], of, wrt, True)]
         L = len(self.W)

@@ -6,6 +6,7 @@ Several shards count as one data set; :meth:`Dataset.pieces` walks it in micro-b
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -14,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import HesscliError, UsageError
-from .loading import (
+from hesscli.errors import HesscliError, UsageError
+from hesscli.io.loading import (
     _check_readable,
     damaged_zip_message,
     file_sha256,
@@ -228,6 +229,33 @@ class Dataset:
                     mine.append(replace(s, start=s.start + a - off, stop=s.start + b - off))
                 off += s.size
         return Dataset(mine, self.input_key, self.target_key, self._cache, self._cache_ok, self.derive_labels, self.notes)
+
+    @classmethod
+    def from_tensors(cls, inputs, targets: torch.Tensor, name: str = "memory") -> Dataset:
+        """A one-shard data set held in memory (a notebook's batch): ``inputs`` a tensor (N, ...) or a
+        dict of tensors whose first dimension is N (keyword inputs; the first key is the input),
+        ``targets`` (N, ...). The shard's ``sha256`` is that of the tensors' bytes, its path
+        ``<name>``. Raises :class:`HesscliError` when the sample counts differ."""
+        if isinstance(inputs, dict):
+            if not inputs:
+                raise HesscliError("in-memory data: the inputs dict is empty")
+            ik, extra = next(iter(inputs)), tuple(list(inputs)[1:])
+            x = inputs[ik]
+        else:
+            ik, extra, x = "inputs", (), inputs
+        tensors = [x, targets] + [inputs[k] for k in extra]
+        for k, t in zip([ik, "targets", *extra], tensors, strict=True):
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                raise HesscliError(f"in-memory data: '{k}' must be a tensor whose first dimension indexes samples")
+            if t.shape[0] != x.shape[0]:
+                raise HesscliError(f"in-memory data: '{k}' {tuple(t.shape)} does not have the {x.shape[0]} samples of '{ik}' {tuple(x.shape)}")
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        path = f"<{name}>"
+        ds = cls([Shard(path, h.hexdigest(), int(x.shape[0]), ik, "targets", extra)])
+        ds._cache[path] = (_with_keywords(x, dict(inputs) if isinstance(inputs, dict) else {}, ik, extra), targets)
+        return ds
 
     def describe(self) -> list[dict]:
         return [{"path": s.path, "sha256": s.sha256, "n_samples": s.size} for s in self.shards]

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .operators import DenseOperator, SymOperator
-from .progress import NullProgress, Progress
+from hesscli.algorithms.operators import DenseOperator, SymOperator
+from hesscli.errors import UsageError
+from hesscli.runtime.progress import NullProgress, Progress
 
 __all__ = ["EigResult", "lanczos", "dense_eigs", "stored_eigs", "select", "WHICH"]
 

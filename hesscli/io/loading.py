@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import HesscliError, UsageError, clean_message
-from .ties import storage_key, tie_groups
+from hesscli.errors import HesscliError, UsageError, clean_message
+from hesscli.objective.ties import storage_key, tie_groups
 
 __all__ = ["LoadedModel", "detect_format", "load_model", "resolve_arch", "file_sha256", "quiet_torch"]
 
@@ -434,7 +434,7 @@ class LoadedModel:
 
     ``module`` is what the file holds — an eager ``nn.Module``, a TorchScript ``ScriptModule`` or
     the module of a torch.export program — and its own parameter tensors are what hesscli
-    differentiates (:class:`hesscli.objective.Objective`); nothing is converted or substituted.
+    differentiates (:class:`hesscli.objective.core.Objective`); nothing is converted or substituted.
     ``static_batch`` is the batch size a torch.export archive was exported for when it accepts
     that size only (None: any)."""
 
@@ -445,7 +445,7 @@ class LoadedModel:
     arch: str | None = None
     notes: list[str] = field(default_factory=list)
     static_batch: int | None = None
-    hf: Any = None  # hesscli.hf.HFInfo for a Hugging Face directory
+    hf: Any = None  # hesscli.io.hf.HFInfo for a Hugging Face directory
 
     def named_parameters(self):
         return list(self.module.named_parameters())
@@ -556,7 +556,7 @@ def load_model(
     Raises :class:`HesscliError` (unreadable or mismatched file) or :class:`UsageError` (a weights
     file without ``--arch``), naming the file."""
     p = Path(path)
-    from .hf import hf_fingerprint, is_hf_directory, load_hf_directory
+    from hesscli.io.hf import hf_fingerprint, is_hf_directory, load_hf_directory
 
     if is_hf_directory(p):
         module, info, notes = load_hf_directory(p)

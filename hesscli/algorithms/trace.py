@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .operators import DenseOperator, SymOperator
-from .progress import NullProgress, Progress
+from hesscli.algorithms.operators import DenseOperator, SymOperator
+from hesscli.errors import UsageError
+from hesscli.runtime.progress import NullProgress, Progress
 
 __all__ = ["TraceResult", "estimate_trace", "METHODS", "choose_method"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import HesscliError
+from hesscli.errors import HesscliError
 
 __all__ = ["HFInfo", "is_hf_directory", "load_hf_directory", "head_of", "hf_fingerprint"]
 
@@ -161,7 +161,7 @@ def load_hf_directory(path: Path) -> tuple[nn.Module, HFInfo, list[str]]:
     except HesscliError:
         raise
     except Exception as e:  # transformers' own errors: one line
-        from .loading import reason
+        from hesscli.io.loading import reason
 
         raise HesscliError(f"cannot load Hugging Face model '{path}': {reason(e)}") from None
     missing = list(info.get("missing_keys") or [])
@@ -183,7 +183,7 @@ def read_texts(text: Path | None, jsonl: Path | None) -> tuple[list[str], list |
     """Examples from a text file (one per non-empty line) or a JSON Lines file of objects with a
     ``text`` and an optional ``label``. Raises :class:`HesscliError` naming the file and line."""
     if (text is None) == (jsonl is None):
-        from .errors import UsageError
+        from hesscli.errors import UsageError
 
         raise UsageError("give exactly one of --text FILE and --jsonl FILE")
     src = text if text is not None else jsonl
@@ -232,7 +232,7 @@ def make_batch(model_dir: Path, texts: list[str], labels: list | None = None, ma
             cfg = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
             tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers' own errors: one line
-        from .loading import reason
+        from hesscli.io.loading import reason
 
         raise HesscliError(f"cannot load the tokenizer of '{model_dir}': {reason(e)}") from None
     info = head_of(archs[0], cfg)
@@ -267,7 +267,7 @@ def save_shard(shard: dict[str, torch.Tensor], out: Path, force: bool) -> None:
     """``torch.save`` the shard atomically (a temporary file, then a rename)."""
     import os
 
-    from .results import check_output
+    from hesscli.io.resultfile import check_output
 
     p = check_output(out, force)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import HesscliError
+from hesscli.errors import HesscliError
 
 __all__ = [
     "SCHEMA",
@@ -104,7 +104,7 @@ def write_result(path: str | os.PathLike, arrays: Mapping[str, Any], meta: Mappi
 
 
 def _reason(e: BaseException) -> str:
-    from .loading import reason
+    from hesscli.io.loading import reason
 
     return reason(e)
 

@@ -22,8 +22,8 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer depends on click
     import click.exceptions as _cx
 
-from . import __version__
-from .errors import HesscliError, UsageError, clean_message
+from hesscli import __version__
+from hesscli.errors import HesscliError, UsageError, clean_message
 
 app = typer.Typer(
     name="hesscli",
@@ -123,7 +123,7 @@ def with_options(model: bool = True, common: bool = True):
 
 
 def model_spec(model: str, spec_kw: dict):
-    from .api import ModelSpec
+    from hesscli.api import ModelSpec
 
     kw = dict(spec_kw)
     kw["data"] = list(kw.get("data") or [])
@@ -132,7 +132,7 @@ def model_spec(model: str, spec_kw: dict):
 
 def emit(summary: dict, common: Common, render) -> None:
     """``--json`` to stdout; the human summary to stderr unless ``--quiet``."""
-    from .results import json_safe
+    from hesscli.io.resultfile import json_safe
 
     if common.json:
         sys.stdout.write(json.dumps(json_safe(summary), allow_nan=False) + "\n")
@@ -163,7 +163,7 @@ def health_warnings(summary: dict) -> list[str]:
 
 def _comm():
     """The torchrun communicator (None in one process); rank 0 alone prints and writes."""
-    from . import distributed
+    from hesscli.runtime import distributed
 
     return distributed.from_env()
 
@@ -188,8 +188,8 @@ def compute(
     common: Common,
 ) -> int:
     """The dense Hessian (full or block-diagonal) of a model's loss, into an .npz."""
-    from .api import compute as run_compute
-    from .console import err_console, make_progress, summary_footer, summary_table
+    from hesscli.api import compute as run_compute
+    from hesscli.cli.console import err_console, make_progress, summary_footer, summary_table
 
     con = err_console()
     comm = _comm()
@@ -238,8 +238,8 @@ def show(
     common: Common,
 ) -> int:
     """Print the summary of a result file."""
-    from .console import err_console, summary_footer, summary_table
-    from .results import read_result, summarize
+    from hesscli.cli.console import err_console, summary_footer, summary_table
+    from hesscli.io.resultfile import read_result, summarize
 
     rf = read_result(result)
     command = rf.meta.get("command")
@@ -271,7 +271,7 @@ _ESTIMATE_KEYS = ("eigenvalues", "residuals", "converged", "trace", "trace_stder
 
 def estimate_summary(rf) -> dict:
     """The summary of a spectrum, trace or density result: its estimates, whole and per block."""
-    from .results import json_safe, summarize
+    from hesscli.io.resultfile import json_safe, summarize
 
     base = summarize(rf)
     base.pop("blocks", None)
@@ -299,7 +299,7 @@ def estimate_summary(rf) -> dict:
 def estimate_table(summary: dict, title: str):
     from rich.table import Table
 
-    from .console import fmt_num
+    from hesscli.cli.console import fmt_num
 
     t = Table(title=title, title_justify="left")
     rows = [dict(summary, name="all")] + list(summary.get("blocks") or [])
@@ -332,8 +332,8 @@ def inspect_(
     common: Common,
 ) -> int:
     """List a model's parameters and blocks, and the memory full and block mode would need."""
-    from .console import err_console
-    from .inspection import inspect_model
+    from hesscli.cli.console import err_console
+    from hesscli.inspection import inspect_model
 
     con = err_console()
     summary, render = inspect_model(model_spec(model, spec_kw), con)
@@ -344,19 +344,6 @@ def inspect_(
 app.registered_commands[-1].name = "inspect"
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in their own modules (matrix-free, merge)."""
-    import importlib
-
-    for mod in ("hesscli.cli_matrixfree", "hesscli.cli_merge", "hesscli.cli_batch"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-_register_optional_commands()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: list[str]) -> int:
-    from . import results
-    from .memory import keep_freed_memory
+    from hesscli.io import resultfile as results
+    from hesscli.runtime.memory import keep_freed_memory
 
     results.CURRENT_ARGV = list(args)
     keep_freed_memory()
@@ -508,7 +495,7 @@ def _main(args: list[str]) -> int:
         code = 1
     finally:
         try:
-            from . import distributed
+            from hesscli.runtime import distributed
 
             distributed.shutdown(code, json_status="--json" in args)
         except ImportError:

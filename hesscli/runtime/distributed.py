@@ -27,7 +27,7 @@ from datetime import timedelta
 
 import torch
 
-from .errors import HesscliError, clean_message
+from hesscli.errors import HesscliError, clean_message
 
 __all__ = ["Comm", "PeerError", "from_env", "shutdown", "active"]
 

@@ -14,14 +14,14 @@ H·v = ∂(gᵀv)/∂θ is one more backward pass; many vectors go through one b
 (``is_grads_batched``). Nothing is substituted into the model, so every use of a weight is seen:
 tied weights, the flat weight list of a scripted RNN, scripted control flow. Plain double backward
 is right for ``layer_norm`` and ``instance_norm`` (NOTES.md); the ops torch cannot differentiate
-twice at all are swapped by :mod:`hesscli.safeops`.
+twice at all are swapped by :mod:`hesscli.objective.safeops`.
 
 At load time a **derivative self-check** compares autograd's directional derivative of the loss
 with central finite differences (Richardson-extrapolated) of the model itself, per group of
 parameter tensors; a weight that autograd does not see (read through ``.detach()``, ``.data`` or a
 copy) is refused by name instead of becoming a silent zero row.
 
-When the model is an affine chain (an MLP; :mod:`hesscli.chain`) and ``engine`` allows it, a piece's
+When the model is an affine chain (an MLP; :mod:`hesscli.objective.chain`) and ``engine`` allows it, a piece's
 linearisation is instead the chain's primal quantities, whose products are the same H·v in closed
 form, checked against autograd's on the first samples before they are used.
 """
@@ -40,15 +40,15 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .chain import ChainLinearization, ChainProgram, NotAChain, record_chain
-from .data import Dataset
-from .devices import no_tf32, resolve_device, resolve_dtype
-from .errors import HesscliError, UsageError
-from .loading import reason
-from .losses import Loss, causal_lm_loss, resolve_loss
-from .outputs import model_loss, prediction
-from .safeops import float64_everywhere, second_order_safe
-from .ties import tied_parameters, unique_parameters
+from hesscli.errors import HesscliError, UsageError
+from hesscli.io.data import Dataset
+from hesscli.io.loading import reason
+from hesscli.objective.chain import ChainLinearization, ChainProgram, NotAChain, record_chain
+from hesscli.objective.losses import Loss, causal_lm_loss, resolve_loss
+from hesscli.objective.outputs import model_loss, prediction
+from hesscli.objective.safeops import float64_everywhere, second_order_safe
+from hesscli.objective.ties import tied_parameters, unique_parameters
+from hesscli.runtime.devices import no_tf32, resolve_device, resolve_dtype
 
 __all__ = ["Objective", "Linearization", "ParamBlock", "ENGINES", "param_blocks", "asymmetry_tolerance"]
 
@@ -212,7 +212,7 @@ class Objective:
         self.batch_size = batch_size
         self.comm = comm
         self.output_key = output_key
-        self.head = head  # hesscli.hf.HFInfo of a Hugging Face model: --loss auto follows its head
+        self.head = head  # hesscli.io.hf.HFInfo of a Hugging Face model: --loss auto follows its head
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         if copy:
             module = _copy_module(module)
@@ -289,7 +289,7 @@ class Objective:
 
     @contextlib.contextmanager
     def evaluating(self):
-        """Context for every evaluation: :func:`hesscli.safeops.second_order_safe`, and for a
+        """Context for every evaluation: :func:`hesscli.objective.safeops.second_order_safe`, and for a
         TorchScript module the graph executor's optimisation off (its profiling executor
         specialises graphs after warm-up, NOTES.md; eager interpretation is what autograd sees),
         and TF32 off on CUDA. Every setting is the caller's again on exit."""
@@ -618,7 +618,7 @@ class Objective:
             )
 
     def _detect_chain(self, first) -> None:
-        """Use :mod:`hesscli.chain`'s closed-form products when the model is an affine chain and
+        """Use :mod:`hesscli.objective.chain`'s closed-form products when the model is an affine chain and
         they agree with autograd's on the first samples (two random vectors)."""
         x, y = self._move(*first)
         if not isinstance(x, torch.Tensor) or self.static_batch is not None or self.output_key is not None:
@@ -660,7 +660,7 @@ class Objective:
 
     def linearize(self, x, y: torch.Tensor) -> Linearization | ChainLinearization:
         """What products on this piece need: the closed-form chain quantities
-        (:mod:`hesscli.chain`) when the model is a checked affine chain, else the gradient with its
+        (:mod:`hesscli.objective.chain`) when the model is a checked affine chain, else the gradient with its
         graph (:class:`Linearization`)."""
         if self.chain is not None:
             try:

@@ -19,7 +19,7 @@ torch does not implement at all, all with an exact equivalent:
 :class:`SecondOrderSafe` is a ``TorchFunctionMode`` that swaps the Python-level calls
 (``F.embedding``, ``F.embedding_bag``, modules that call them) for the versions above. TorchScript
 graphs do not go through Python: their sparse embedding gradients are densified by the product code
-(:class:`hesscli.objective.Linearization`).
+(:class:`hesscli.objective.core.Linearization`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from .progress import NullProgress, Progress
+from hesscli.runtime.progress import NullProgress, Progress
 
 __all__ = ["err_console", "make_progress", "summary_table", "fmt_num"]
 

@@ -1,15 +1,15 @@
 """The dense Hessian, full or block-diagonal, from batched Hessian-vector products.
 
 Rows of H are reverse-over-reverse products (Pearlmutter 1994) from the objective's one product
-route: per piece, the gradient g(θ) with its graph (:class:`~hesscli.objective.Linearization`, the
+route: per piece, the gradient g(θ) with its graph (:class:`~hesscli.objective.core.Linearization`, the
 model's own parameters as leaves), and a chunk of k unit vectors e_r goes through one batched
 backward (``is_grads_batched``), giving the rows H[r, :] = ∂(g_j·e_r)/∂θ; or the closed-form
-products of an affine chain (:mod:`hesscli.chain`).
+products of an affine chain (:mod:`hesscli.objective.chain`).
 
 The Hessian's symmetry is used at the level of parameter tensors: for tensor j, only the blocks
 H[j, i] with i ≤ j are computed, with differentiation restricted to those tensors (autograd prunes
 the rest of the graph), and the upper triangle is mirrored. With the closed-form products of an
-affine chain (:mod:`hesscli.chain`) it is the other triangle, i ≥ j: rows of layer l then need the
+affine chain (:mod:`hesscli.objective.chain`) it is the other triangle, i ≥ j: rows of layer l then need the
 R-forward pass from layer l up and the backward pass down to layer l only. Diagonal tensor blocks are computed
 whole, so their asymmetry is measured; cross-tensor symmetry is checked by
 :meth:`Objective.symmetry_probe`.
@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .devices import tf32_off
-from .errors import HesscliError, MemoryBudgetError, UsageError
-from .memory import default_budget, fmt_bytes
-from .objective import Objective, ParamBlock, asymmetry_tolerance
-from .progress import NullProgress, Progress
+from hesscli.errors import HesscliError, MemoryBudgetError, UsageError
+from hesscli.objective.core import Objective, ParamBlock, asymmetry_tolerance
+from hesscli.runtime.devices import tf32_off
+from hesscli.runtime.memory import default_budget, fmt_bytes
+from hesscli.runtime.progress import NullProgress, Progress
 
 __all__ = ["DenseBlock", "DenseResult", "DensePlan", "plan_dense", "dense_hessian", "asymmetry_tolerance"]
 

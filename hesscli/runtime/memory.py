@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from hesscli.errors import UsageError
 
 __all__ = ["parse_size", "default_budget", "fmt_bytes", "available_memory", "keep_freed_memory"]
 

@@ -3,7 +3,7 @@
 One interface, :class:`SymOperator`: ``matmat(V)`` maps a block of row vectors V (k, n), float64,
 to H·V (k, n), float64. Two kinds plug into it:
 
-- :class:`HessianOperator`: the Hessian of an :class:`~hesscli.objective.Objective` through its
+- :class:`HessianOperator`: the Hessian of an :class:`~hesscli.objective.core.Objective` through its
   batched Hessian-vector products, or its diagonal block on one parameter group (vectors restricted
   to the group's coordinates, differentiation restricted to the group's tensors, so the block costs
   less than a full product). Vectors are cast to the objective's dtype for the product and back to
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .objective import Objective, ParamBlock
+from hesscli.objective.core import Objective, ParamBlock
 
 __all__ = ["SymOperator", "HessianOperator", "DenseOperator", "default_chunk"]
 

@@ -1,0 +1,1 @@
+"""Files: model checkpoints (``loading``, ``hf``), data shards (``data``) and result files (``resultfile``)."""

@@ -1,0 +1,1 @@
+"""Where and within what the work runs: devices, memory budgets, progress, torch.distributed."""
