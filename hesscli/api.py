@@ -3,10 +3,8 @@ and ``compute`` the dense Hessian into a result file. Notebooks can call these d
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,118 +13,13 @@ import torch
 from hesscli import __version__
 from hesscli.algorithms.dense import DenseResult, dense_hessian, plan_dense
 from hesscli.errors import UsageError
-from hesscli.io.data import Dataset, load_dataset
-from hesscli.io.loading import LoadedModel, load_model, parse_arch_kwargs
 from hesscli.io.resultfile import check_output, command_line, summarize, utc_now, write_result
 from hesscli.objective.core import Objective
 from hesscli.runtime.memory import default_budget, parse_size
 from hesscli.runtime.progress import Progress
+from hesscli.session import ModelSpec, Session, open_session, stage
 
 __all__ = ["ModelSpec", "Session", "open_session", "compute", "base_meta"]
-
-
-@dataclass
-class ModelSpec:
-    """The options every model-evaluating command shares (SPEC.md, Commands)."""
-
-    model: str
-    data: list[str] = field(default_factory=list)
-    arch: str | None = None
-    arch_kwargs: str | dict | None = None
-    trust_code: bool = False
-    loss: str = "auto"
-    reduction: str = "mean"
-    input_key: str | None = None
-    target_key: str | None = None
-    params: str | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    seed: int = 0
-    engine: str = "auto"
-    output_key: str | None = None
-    trainable_only: bool = False
-
-
-@dataclass
-class Session:
-    spec: ModelSpec
-    model: LoadedModel
-    data: Dataset
-    objective: Objective
-    setup_seconds: float
-    comm: object | None = None
-    all_data: Dataset | None = None  # the whole data set when ``data`` is this rank's part
-
-
-def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
-    """Load the model and data, check them, and build the objective.
-
-    Under torchrun (``comm``), ``split="data"`` gives this rank its part of the data
-    (:meth:`Dataset.split`) and an objective whose products are summed over the ranks;
-    ``split="columns"`` keeps all the data on every rank and a rank-local objective.
-    """
-    t0 = time.perf_counter()
-    if not spec.data:
-        raise UsageError("no data: pass --data FILE (one or more)")
-    if split not in ("data", "columns"):
-        raise UsageError(f"--split '{split}': choose data or columns")
-    device = comm.device_for(spec.device) if comm is not None else spec.device
-    with _stage(comm):  # errors here may hit some ranks only: all ranks agree before going on
-        kwargs = spec.arch_kwargs if isinstance(spec.arch_kwargs, dict) else parse_arch_kwargs(spec.arch_kwargs)
-        lm = load_model(spec.model, spec.arch, kwargs if spec.arch_kwargs is not None else None, spec.trust_code)
-        causal = lm.hf is not None and lm.hf.head == "causal_lm"
-        full = load_dataset(spec.data, spec.input_key, spec.target_key, accepts=lm.forward_arguments(), derive_labels=causal)
-        ds = full.split(comm.rank, comm.world) if comm is not None and split == "data" else full
-        first = ds.first(4)
-        example = full.first(8) if first is None else None  # this rank has no data
-    obj = Objective(
-        lm.module,
-        ds,
-        loss=spec.loss,
-        reduction=spec.reduction,
-        params=spec.params,
-        batch_size=spec.batch_size,
-        device=device,
-        dtype=spec.dtype,
-        comm=comm if split == "data" else None,
-        engine=spec.engine,
-        output_key=spec.output_key,
-        trainable_only=spec.trainable_only,
-        static_batch=lm.static_batch,
-        head=lm.hf,
-        copy=False,  # the module was loaded for this session
-        **({"example": example} if example is not None else {}),
-    )
-    obj.info.notes[:0] = lm.notes + full.notes
-    if comm is not None:
-        comm.check_setup(obj, ds.n_samples)
-        _merge_unused(obj, comm, has_data=first is not None)
-        with _stage(comm):
-            obj.measure_linearization()
-        # sizes derived from it (dense chunks, operator chunks) must match on every rank: they set
-        # how many collectives run
-        obj.linearization_bytes = int(comm.maximum(obj.linearization_bytes))
-    return Session(spec, lm, ds, obj, time.perf_counter() - t0, comm, full)
-
-
-def _stage(comm):
-    return comm.stage() if comm is not None else contextlib.nullcontext()
-
-
-def _merge_unused(obj: Objective, comm, has_data: bool) -> None:
-    """Parameters that get no gradient on any rank (a rank without data cannot tell on its own)."""
-    used = torch.tensor([0.0 if (n in obj.info.unused or not has_data) else 1.0 for n in obj.names], dtype=torch.float64)
-    comm.all_reduce(used, op="max")
-    unused = [n for n, u in zip(obj.names, used.tolist(), strict=True) if u == 0.0]
-    if unused != obj.info.unused:
-        obj.info.notes = [s for s in obj.info.notes if not s.startswith(_UNUSED_NOTE)]
-        obj.info.unused = unused
-        if unused:
-            obj.info.notes.append(_UNUSED_NOTE + ", ".join(unused))
-
-
-_UNUSED_NOTE = "parameters that get no gradient (their Hessian rows are zero): "
 
 
 def base_meta(command: str, session: Session, **extra) -> dict:
@@ -225,7 +118,7 @@ def compute(
     if split not in ("data", "columns"):
         raise UsageError(f"--split '{split}': choose data or columns")
     writer = comm is None or comm.rank == 0
-    with _stage(comm):
+    with stage(comm):
         if writer:
             check_output(out, force)
         budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
@@ -233,7 +126,7 @@ def compute(
     obj = session.objective
     if comm is not None:
         budget = _agree_on_plan(obj, comm, budget)
-    with _stage(comm):
+    with stage(comm):
         plan = plan_dense(obj, mode, blocks, budget, eigenvectors)
     column_comm = comm if comm is not None and split == "columns" else None
     res = dense_hessian(

@@ -34,9 +34,9 @@ import numpy as np
 import typer
 
 from hesscli.algorithms.operators import DenseOperator, HessianOperator, SymOperator
-from hesscli.api import _stage
 from hesscli.cli.base import Common, _comm, app, emit, model_spec, with_options
 from hesscli.errors import HesscliError, UsageError
+from hesscli.session import stage
 
 SOURCE_HELP = "A result file from 'hesscli compute' (default: hessian.npz) or a model file (then --data is needed)."
 
@@ -184,7 +184,8 @@ def _result_source(path: str, per_block: bool, command: str) -> Source:
 
 def _model_source(path: str, spec_kw: dict, per_block: bool, command: str, comm=None) -> Source:
     from hesscli.algorithms.dense import asymmetry_tolerance
-    from hesscli.api import base_meta, open_session
+    from hesscli.api import base_meta
+    from hesscli.session import open_session
 
     session = open_session(model_spec(path, spec_kw), comm)
     obj = session.objective
@@ -220,7 +221,7 @@ def _start(common: Common, default_out: str):
     out = common.out or default_out
     comm = _comm()
     writer = comm is None or comm.rank == 0
-    with _stage(comm):
+    with stage(comm):
         if writer:
             check_output(out, common.force)
     return out, comm, writer
