@@ -21,6 +21,9 @@
   R's row space; then s_i ∝ (R⁺)ᵀe_i = Σ_r⁻¹V_rᵀe_i (R⁻ᵀe_i when r = s), else Q_i = Q and s_i = 0.
   Z = HQ keeps r of its m/2 products. A zero operator gives 0 ± 0.
 
+Per-block traces (:func:`estimate_block_traces`): tr(H_bb) of every diagonal block of a partition of
+the coordinates, all from one stream of full products (derivations in its docstring).
+
 The random vectors come from a seeded generator on the CPU (the same on every rank).
 """
 
@@ -28,7 +31,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,13 +41,25 @@ from hesscli.algorithms.operators import DenseOperator, SymOperator
 from hesscli.errors import UsageError
 from hesscli.runtime.progress import NullProgress, Progress
 
-__all__ = ["TraceResult", "estimate_trace", "METHODS", "choose_method"]
+__all__ = [
+    "TraceResult",
+    "BlockTraceResult",
+    "estimate_trace",
+    "estimate_block_traces",
+    "METHODS",
+    "BLOCK_METHODS",
+    "choose_method",
+]
 
 METHODS = ("auto", "exact", "hutchinson", "hutchpp", "xtrace")
+BLOCK_METHODS = ("auto", "exact", "hutchinson", "hutchpp")  # per-block traces from shared products
 
 
 @dataclass
 class TraceResult:
+    """tr(H) (units of H) with its standard error (0 for ``exact``), the method used, the products
+    taken and the seconds spent; ``samples``: the random vectors of the part that carries the error."""
+
     trace: float
     stderr: float
     method: str
@@ -109,25 +125,44 @@ def _orthonormalize_rows_(Y: torch.Tensor, cols: int = 1 << 16) -> torch.Tensor:
     return Y[: Q.shape[1]]
 
 
-def _quadratic_forms(op, m, gen, progress, Q=None) -> np.ndarray:
-    """zᵀHz for m Rademacher z (projected to z − Q(Qᵀz) when Q is given), streamed in chunks."""
+def _block_sums(A: torch.Tensor, offsets: np.ndarray) -> np.ndarray:
+    """Row sums of A (k, n) over each block's columns [offsets[b], offsets[b+1]): (k, B) float64."""
+    cols = [A[:, a:b].sum(1) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    return torch.stack(cols, 1).to(torch.float64).cpu().numpy()
+
+
+def _quadratic_forms(op, m, gen, progress, Q=None, offsets=None) -> np.ndarray:
+    """Per block b, z_bᵀ(Hz)_b for m Rademacher z (projected to z − Qᵀ(Qz) when Q, orthonormal rows,
+    is given), streamed in chunks: (m, B), B = 1 (the whole vector) without ``offsets``."""
+    offsets = np.array([0, op.n]) if offsets is None else offsets
     vals = []
     for i in range(0, m, op.chunk):
         Z = _rademacher(min(op.chunk, m - i), op.n, gen, op.device)
         if Q is not None:
-            Z = Z - (Z @ Q.T) @ Q  # Q: orthonormal rows
-        vals.append((Z * op.matmat(Z)).sum(1).cpu().numpy())
+            Z = Z - (Z @ Q.T) @ Q
+        vals.append(_block_sums(Z * op.matmat(Z), offsets))
         progress.advance(Z.shape[0])
-    return np.concatenate(vals)
+    return np.concatenate(vals) if vals else np.zeros((0, len(offsets) - 1))
 
 
-def _hutchinson(op, m, gen, progress):
-    vals = _quadratic_forms(op, m, gen, progress)
-    se = float(vals.std(ddof=1) / math.sqrt(m)) if m > 1 else math.inf
-    return float(vals.mean()), se, m
+def _mean_se(vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means of the samples (m, B) and their standard errors std(ddof=1)/√m (inf for m < 2)."""
+    m = vals.shape[0]
+    if m < 2:
+        return vals.mean(0), np.full(vals.shape[1], math.inf)
+    return vals.mean(0), vals.std(0, ddof=1) / math.sqrt(m)
 
 
-def _hutchpp(op, m, gen, progress):
+def _hutchinson_blocks(op, m, gen, progress, offsets):
+    """(per-block estimates, their samples (m, B)): Hutchinson per block, module docstring and
+    :func:`estimate_block_traces`."""
+    vals = _quadratic_forms(op, m, gen, progress, offsets=offsets)
+    return vals.mean(0), vals
+
+
+def _hutchpp_blocks(op, m, gen, progress, offsets):
+    """(per-block estimates, the samples (g, B) that carry their error): Hutch++ per block from one
+    global sketch, :func:`estimate_block_traces`."""
     if m < 3:
         raise UsageError(f"hutchpp needs at least 3 products (got --matvecs {m})")
     s = m // 3
@@ -138,14 +173,23 @@ def _hutchpp(op, m, gen, progress):
         Q[i : i + c] = op.matmat(_rademacher(c, op.n, gen, op.device))
         progress.advance(c)
     Q = _orthonormalize_rows_(Q)
-    t_low = 0.0
-    for i in range(0, Q.shape[0], op.chunk):  # tr(QᵀHQ), without storing HQ
+    low = np.zeros(len(offsets) - 1)
+    for i in range(0, Q.shape[0], op.chunk):  # per block Σ_j (q_j)_bᵀ(H q_j)_b, without storing HQ
         Qc = Q[i : i + op.chunk]
-        t_low += float((Qc * op.matmat(Qc)).sum())
+        low += _block_sums(Qc * op.matmat(Qc), offsets).sum(0)
         progress.advance(Qc.shape[0])
-    vals = _quadratic_forms(op, g, gen, progress, Q)
-    se = float(vals.std(ddof=1) / math.sqrt(g)) if g > 1 else math.inf
-    return t_low + float(vals.mean()), se, g
+    vals = _quadratic_forms(op, g, gen, progress, Q, offsets)
+    return low + vals.mean(0), vals
+
+
+def _hutchinson(op, m, gen, progress):
+    est, vals = _hutchinson_blocks(op, m, gen, progress, np.array([0, op.n]))
+    return float(est[0]), float(_mean_se(vals)[1][0]), m
+
+
+def _hutchpp(op, m, gen, progress):
+    est, vals = _hutchpp_blocks(op, m, gen, progress, np.array([0, op.n]))
+    return float(est[0]), float(_mean_se(vals)[1][0]), vals.shape[0]
 
 
 def _xtrace(op, m, gen, progress):
@@ -212,6 +256,187 @@ def estimate_trace(
     finally:
         progress.stop()
     return TraceResult(tr, se, method, op.matvecs - mv0, time.perf_counter() - t0, samples)
+
+
+@dataclass
+class BlockTraceResult:
+    """tr(H_bb) of every block b of a partition of the coordinates, with tr(H), from shared products.
+
+    ``traces``, ``stderrs`` (B,) float64, in the units of H (e.g. loss per parameter²); ``offsets``
+    (B+1,) int64 with block b = coordinates [offsets[b], offsets[b+1]). ``trace``/``stderr``: the
+    total tr(H) = Σ_b tr(H_bb) from the same products, its standard error taken from the summed
+    samples (the block estimates share their random vectors, so their errors are correlated and
+    √Σ se_b² is not the total's error). ``covariance`` (B, B): the estimated covariance of the block
+    estimates (zeros for ``exact``), so a sum of blocks ``w`` (e.g. a layer's modules) has standard
+    error √(wᵀCw). ``matvecs``: the products taken in all (shared by every block); ``samples``: the
+    random vectors of the part that carries the error (0 for ``exact``)."""
+
+    names: list[str]
+    offsets: np.ndarray
+    traces: np.ndarray
+    stderrs: np.ndarray
+    trace: float
+    stderr: float
+    method: str
+    matvecs: int
+    seconds: float
+    samples: int = 0
+    covariance: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+    def results(self) -> list[TraceResult]:
+        """One :class:`TraceResult` per block (``matvecs`` is the shared count, the same for each)."""
+        return [
+            TraceResult(float(t), float(e), self.method, self.matvecs, self.seconds, self.samples)
+            for t, e in zip(self.traces, self.stderrs)
+        ]
+
+    @property
+    def total(self) -> TraceResult:
+        """tr(H) as a :class:`TraceResult`."""
+        return TraceResult(self.trace, self.stderr, self.method, self.matvecs, self.seconds, self.samples)
+
+
+def _block_offsets(blocks: Sequence, n: int) -> tuple[list[str], np.ndarray]:
+    """Names and offsets of ``blocks`` (objects with ``name``, ``start``, ``stop``, e.g.
+    :class:`~hesscli.objective.core.ParamBlock`, or (name, start, stop) tuples), which must be
+    contiguous, in order, and cover 0..n exactly."""
+    names, offsets = [], [0]
+    for b in blocks:
+        name, start, stop = (b.name, b.start, b.stop) if hasattr(b, "start") else b
+        if int(start) != offsets[-1] or int(stop) < int(start):
+            raise ValueError(
+                f"block '{name}' covers [{start}, {stop}); blocks must be contiguous ranges, in order, from 0 "
+                f"(the previous one ends at {offsets[-1]})"
+            )
+        names.append(str(name))
+        offsets.append(int(stop))
+    if not names or offsets[-1] != n:
+        raise ValueError(f"the blocks cover [0, {offsets[-1]}), not the operator's n = {n} coordinates")
+    return names, np.array(offsets, dtype=np.int64)
+
+
+def _exact_diagonal(op: SymOperator, progress: Progress) -> torch.Tensor:
+    """diag(H) (n,) float64 on the CPU: the stored matrix's, or e_iᵀHe_i by n products in batches."""
+    if isinstance(op, DenseOperator):
+        return torch.diagonal(op.H).cpu()
+    diag = torch.empty(op.n, dtype=torch.float64)
+    for s in range(0, op.n, op.chunk):
+        e = min(s + op.chunk, op.n)
+        E = torch.zeros(e - s, op.n, dtype=torch.float64, device=op.device)
+        E[torch.arange(e - s), torch.arange(s, e)] = 1
+        HE = op.matmat(E)
+        diag[s:e] = HE[torch.arange(e - s), torch.arange(s, e)].cpu()
+        progress.advance(e - s)
+    return diag
+
+
+def estimate_block_traces(
+    op: SymOperator,
+    blocks: Sequence,
+    method: str = "auto",
+    matvecs: int = 300,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> BlockTraceResult:
+    """tr(H_bb) for every diagonal block H_bb of the full operator ``op`` (n×n), and tr(H), each with
+    its standard error, all from ONE stream of ``matvecs`` products with the full H.
+
+    ``blocks``: B contiguous ranges covering 0..n in order, as objects with ``name``/``start``/
+    ``stop`` (``Objective.blocks("module")`` gives them) or (name, start, stop) tuples.
+    ``method``: ``exact`` (n products, or the stored diagonal of a :class:`DenseOperator`;
+    standard errors 0), ``hutchinson``, ``hutchpp``, or ``auto`` (exact when the matrix is stored or
+    n ≤ ``matvecs``, else hutchpp). Products: exactly ``matvecs`` for the random methods (Hutch++:
+    fewer only when n < matvecs/3, the sketch then spanning everything). The random vectors come from
+    a CPU generator seeded with ``seed``: the total equals :func:`estimate_trace`'s with the same
+    method, products and seed. Raises :class:`UsageError` for an unknown method (``xtrace`` has no
+    per-block form here), ``matvecs`` < 1, or hutchpp with fewer than 3 products; ``ValueError`` when
+    the blocks do not partition 0..n.
+
+    Notation: E_b is the diagonal 0/1 matrix selecting block b, so tr(H_bb) = tr(E_b H) and
+    x_b = E_b x; z are Rademacher vectors (E[zzᵀ] = I).
+
+    **Hutchinson per block** (Hutchinson 1989, "A stochastic estimator of the trace of the influence
+    matrix for Laplacian smoothing splines"). For each of the m vectors z_i take one full product
+    w_i = H z_i and, for every block, c_{b,i} = z_{i,b}ᵀ w_{i,b} = zᵀE_bHz. Then
+    E[c_{b,i}] = tr(E_b H E[zzᵀ]) = tr(H_bb): the cross-block terms z_bᵀH_bc z_c (c ≠ b) have mean
+    zero because z_b and z_c are independent. The estimate is mean_i c_{b,i}; the c_{b,i} are i.i.d.,
+    so its standard error is std_i(c_{b,i})/√m (ddof 1). Σ_b c_{b,i} = z_iᵀHz_i: the total is plain
+    Hutchinson.
+
+    **Hutch++ per block** (Meyer, Musco, Musco & Woodruff 2021, "Hutch++: Optimal stochastic trace
+    estimation", SOSA), with s = ⌊m/3⌋ and g = m − 2s:
+
+    1. sketch: Y = H S for s Rademacher vectors (s products); Q (s×n, orthonormal rows) spans the
+       rows of Y, and Π = QᵀQ is the orthogonal projector onto that span. Q depends on S only.
+    2. low-rank part, exact given Q: with the s products H q_j,
+       T_b = Σ_j (q_j)_bᵀ (H q_j)_b = tr(E_b H Π).
+    3. remainder, by Hutchinson on the deflated vectors z' = (I − Π) z (g products):
+       c_{b,i} = z'_{i,b}ᵀ (H z'_i)_b = zᵀ(I − Π)E_b H(I − Π)z, whose mean given Q is
+       tr((I − Π)E_b H(I − Π)) = tr(E_b H (I − Π)²) = tr(E_b H (I − Π)).
+
+    Since tr(E_b H Π) + tr(E_b H (I − Π)) = tr(E_b H) = tr(H_bb), the estimate T_b + mean_i c_{b,i}
+    is unbiased for every block given any Q, hence unconditionally. No product is spent per block and
+    no block-restricted product is needed: the same full products serve every block, and the exact
+    part carries no cross-block noise (a per-block sketch Q_b would need tr(Q_bᵀH_bbQ_b), i.e. either
+    products restricted to each block — B times the cost — or randomly signed combinations of the
+    blocks' bases, whose cross-block terms q_bᵀH_bc q_c add noise of the size of the coupling between
+    the blocks' top directions). Summed over blocks, T = tr(QHQᵀ) and Σ_b c_{b,i} = z'ᵀHz': the total
+    is exactly the standard Hutch++ estimate. Standard error: given Q, T_b is a constant and the
+    c_{b,i} are i.i.d., so Var(estimate | Q) = Var(c_b | Q)/g, estimated without bias by
+    std_i(c_{b,i})²/g; it is honest for the conditional error, and the conditional mean does not
+    depend on Q, so it is the error of the estimate. How much Hutch++ gains on block b depends on how
+    much of block b's rows of H the global sketch captures (‖E_b H(I − Π)‖_F): blocks whose curvature
+    lies outside the top directions of H get Hutchinson-like errors, which their standard errors show.
+
+    Memory: the sketch/basis Q (s×n float64) plus one chunk of vectors; nothing per block beyond B
+    numbers per vector. ``progress`` advances by one per product.
+    """
+    t0 = time.perf_counter()
+    progress = progress or NullProgress()
+    if method not in BLOCK_METHODS:
+        raise UsageError(f"--method '{method}' per block: choose {', '.join(BLOCK_METHODS)}")
+    if matvecs < 1:
+        raise UsageError(f"--matvecs must be at least 1 (got {matvecs})")
+    names, offsets = _block_offsets(blocks, op.n)
+    dense = isinstance(op, DenseOperator)
+    method = choose_method(method, op.n, matvecs, dense)
+    mv0 = op.matvecs
+    gen = torch.Generator().manual_seed(seed)
+    B = len(names)
+    total = 0 if dense and method == "exact" else (op.n if method == "exact" else matvecs)
+    progress.start(total, f"trace per block ({method}, {B} blocks)")
+    try:
+        if method == "exact":
+            diag = _exact_diagonal(op, progress)
+            est = _block_sums(diag[None, :], offsets)[0]
+            vals = None
+        elif method == "hutchinson":
+            est, vals = _hutchinson_blocks(op, matvecs, gen, progress, offsets)
+        else:
+            est, vals = _hutchpp_blocks(op, matvecs, gen, progress, offsets)
+    finally:
+        progress.stop()
+    if vals is None:
+        ses, cov, tr, se, samples = np.zeros(B), np.zeros((B, B)), float(est.sum()), 0.0, 0
+    else:
+        samples = vals.shape[0]
+        ses = _mean_se(vals)[1]
+        cov = np.cov(vals, rowvar=False, ddof=1).reshape(B, B) / samples if samples > 1 else np.full((B, B), math.inf)
+        tr = float(est.sum())
+        se = float(_mean_se(vals.sum(1, keepdims=True))[1][0])
+    return BlockTraceResult(
+        names=names,
+        offsets=offsets,
+        traces=np.asarray(est, dtype=np.float64),
+        stderrs=np.asarray(ses, dtype=np.float64),
+        trace=tr,
+        stderr=se,
+        method=method,
+        matvecs=op.matvecs - mv0,
+        seconds=time.perf_counter() - t0,
+        samples=samples,
+        covariance=cov,
+    )
 
 
 def combine(results: list[TraceResult]) -> tuple[float, float]:
