@@ -1,30 +1,60 @@
 """hesscli: the Hessian of a saved model's training loss with respect to its weights.
 
-Library API (the CLI is a thin layer over it)::
+The library is the product; the command line renders it. Every command is a function that returns
+a typed result, which writes itself (``result.save(path)``) and summarises itself
+(``result.summary()``, what ``--json`` prints)::
 
-    from hesscli import ModelSpec, open_session, dense_hessian
-    s = open_session(ModelSpec("ckpt.pt", data=["batch.pt"]))
-    H = dense_hessian(s.objective)
+    import hesscli
+    r = hesscli.spectrum(model, (X, y), top_k=1, loss="cross_entropy")   # an nn.Module in memory
+    r.eigenvalues, r.residuals
+    h = hesscli.compute("ckpt.pt", "batch.pt")                             # files, as the CLI takes
+    h.save("hessian.npz")
+    hesscli.load("hessian.npz").eigenvalues
 """
 
 __version__ = "0.1.0"
 
 from hesscli.algorithms.dense import DenseResult, dense_hessian, plan_dense  # noqa: E402
-from hesscli.api import ModelSpec, Session, compute, open_session  # noqa: E402
+from hesscli.api import compute, density, inspect, merge, spectrum, trace  # noqa: E402
 from hesscli.errors import HesscliError, MemoryBudgetError, UsageError  # noqa: E402
 from hesscli.io.data import Dataset, load_dataset  # noqa: E402
 from hesscli.io.loading import LoadedModel, detect_format, load_model  # noqa: E402
-from hesscli.io.resultfile import ResultFile, read_result, write_result  # noqa: E402
 from hesscli.objective.core import Linearization, Objective  # noqa: E402
 from hesscli.objective.losses import Loss, resolve_loss  # noqa: E402
 from hesscli.objective.safeops import second_order_safe  # noqa: E402
+from hesscli.results import (  # noqa: E402
+    ComputeResult,
+    DensityResult,
+    InspectResult,
+    MergeResult,
+    Result,
+    SpectrumResult,
+    TraceResult,
+    load,
+)
+from hesscli.session import ModelSpec, Session, open_session  # noqa: E402
 
 __all__ = [
-    # pipeline
+    # one function per command, and reading results back
+    "compute",
+    "spectrum",
+    "trace",
+    "density",
+    "inspect",
+    "merge",
+    "load",
+    # typed results
+    "Result",
+    "ComputeResult",
+    "SpectrumResult",
+    "TraceResult",
+    "DensityResult",
+    "InspectResult",
+    "MergeResult",
+    # a model and its data, opened once
     "ModelSpec",
     "Session",
     "open_session",
-    "compute",
     # pieces
     "load_model",
     "detect_format",
@@ -36,14 +66,9 @@ __all__ = [
     "Objective",
     "Linearization",
     "second_order_safe",
-    # dense
     "dense_hessian",
     "plan_dense",
     "DenseResult",
-    # results
-    "read_result",
-    "write_result",
-    "ResultFile",
     # errors
     "HesscliError",
     "UsageError",

@@ -1,64 +1,138 @@
-"""The library entry points the commands call: open a model and its data as an :class:`Objective`,
-and ``compute`` the dense Hessian into a result file. Notebooks can call these directly."""
+"""The library: one function per command, each returning its typed result (:mod:`hesscli.results`).
+
+Every function takes what its command takes — a model file (any format hesscli reads), a
+:class:`~hesscli.session.ModelSpec`, an open :class:`~hesscli.session.Session`, or an in-memory
+``nn.Module``; data files, a :class:`~hesscli.io.data.Dataset` or an ``(inputs, targets)`` pair of
+tensors — and the command's options as keyword arguments (``loss=``, ``dtype=``, ``params=``, ...:
+the fields of :class:`ModelSpec`). Nothing is written until ``result.save(path)``; a call leaves
+the caller's process as it found it: global flags and the seed are restored on exit, and an
+in-memory module is copied before it is cast, moved or frozen (the copy costs one more set of
+weights in memory).
+
+    >>> import hesscli
+    >>> r = hesscli.spectrum(model, (X, y), top_k=1, loss="cross_entropy")
+    >>> r.eigenvalues, r.residuals           # (1,), (1,)
+    >>> r.save("spectrum.npz")
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from hesscli import __version__
+from hesscli.algorithms import density as density_alg
+from hesscli.algorithms import trace as trace_alg
 from hesscli.algorithms.dense import DenseResult, dense_hessian, plan_dense
-from hesscli.errors import UsageError
-from hesscli.io.resultfile import check_output, command_line, summarize, utc_now, write_result
+from hesscli.algorithms.lanczos import lanczos, select, stored_eigs
+from hesscli.errors import HesscliError, UsageError
+from hesscli.io.data import Dataset
+from hesscli.meta import build_meta
 from hesscli.objective.core import Objective
+from hesscli.results import (
+    ComputeResult,
+    DensityResult,
+    InspectResult,
+    MergeResult,
+    SpectrumResult,
+    TraceResult,
+    load,
+)
 from hesscli.runtime.memory import default_budget, parse_size
-from hesscli.runtime.progress import Progress
+from hesscli.runtime.progress import NullProgress, Progress
 from hesscli.session import ModelSpec, Session, open_session, stage
+from hesscli.sources import Source, is_result_file, model_source, result_source
 
-__all__ = ["ModelSpec", "Session", "open_session", "compute", "base_meta"]
+__all__ = ["compute", "spectrum", "trace", "density", "inspect", "merge", "load", "ModelSpec", "Session", "open_session"]
+
+ModelLike = str | os.PathLike | ModelSpec | Session | nn.Module
+DataLike = str | os.PathLike | Sequence[str | os.PathLike] | Dataset | tuple | None
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)} - {"model", "data"}
 
 
-def base_meta(command: str, session: Session, **extra) -> dict:
-    """SPEC.md's ``meta`` fields that every result shares."""
-    obj, lm, spec = session.objective, session.model, session.spec
-    meta = {
-        "schema": "hesscli/1",
-        "hesscli_version": __version__,
-        "torch_version": torch.__version__,
-        "command": command,
-        "command_line": command_line(),
-        "created": utc_now(),
-        "model": {"path": lm.path, "format": lm.format, "sha256": lm.sha256, "arch": lm.arch},
-        "data": (session.all_data or session.data).describe(),
-        "loss": obj.loss.name,
-        "reduction": obj.reduction,
-        "n_samples": obj.n_samples,
-        "n_loss_terms": obj.n_loss_terms,
-        "loss_value": obj.loss_value,
-        "params": obj.describe_params(),
-        "params_regex": spec.params,
-        "batch_size": spec.batch_size,
-        "dtype": str(obj.dtype).replace("torch.", ""),
-        "device": str(obj.device),
-        "seed": spec.seed,
-        "engine": "chain" if obj.chain is not None else "autograd",
-        "world_size": 1 if session.comm is None else session.comm.world,
-        "notes": list(obj.info.notes) + [f"warning: {w}" for w in obj.info.warnings],
-        "warnings": list(obj.info.warnings),
-        "unused_params": list(obj.info.unused),
-        "tied": list(obj.tied),
-        "frozen": list(obj.frozen),
-        "derivative_check": dict(obj.derivative_check),
-    }
-    if session.comm is not None:
-        meta["rank_samples"] = session.comm.rank_samples
-        meta["split"] = "data" if obj.comm is not None else "columns"
-    meta.update(extra)
+# ---------------------------------------------------------------------------------------------
+# opening what a call is given
+
+
+def _data(data: DataLike) -> tuple[list[str], Dataset | None]:
+    """Data files, or an in-memory data set (a Dataset or an (inputs, targets) pair)."""
+    if data is None:
+        return [], None
+    if isinstance(data, Dataset):
+        return [], data
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (str, os.PathLike)):
+        return [], Dataset.from_tensors(data[0], data[1])
+    if isinstance(data, (str, os.PathLike)):
+        return [str(data)], None
+    return [str(d) for d in data], None
+
+
+def _spec(model: str | ModelSpec, files: list[str], options: dict) -> ModelSpec:
+    unknown = set(options) - _SPEC_FIELDS
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(sorted(unknown))}: choose from {', '.join(sorted(_SPEC_FIELDS))}")
+    if isinstance(model, ModelSpec):
+        spec = dataclasses.replace(model, **options)
+        if files:
+            spec.data = files
+        return spec
+    return ModelSpec(model=str(model), data=files, **options)
+
+
+def session_for(model: ModelLike, data: DataLike = None, comm=None, split: str = "data", **options: Any) -> Session:
+    """An open :class:`Session` for ``model`` on ``data`` (see the module docstring for the kinds of
+    each); a Session is returned as it is. Raises :class:`UsageError` when data is missing or an
+    option is unknown, :class:`HesscliError` for unreadable input."""
+    if isinstance(model, Session):
+        if data is not None or options:
+            raise UsageError("an open Session already has its data and options")
+        return model
+    files, ds = _data(data)
+    if isinstance(model, nn.Module):
+        spec = _spec(f"<{type(model).__qualname__}>", files, options)
+        return open_session(spec, comm, split, module=model, dataset=ds)
+    spec = _spec(model, files, options)
+    return open_session(spec, comm, split, dataset=ds)
+
+
+def _source(source, data: DataLike, per_block: bool, blocks: str, command: str, comm, options: dict) -> Source:
+    """A result file (no data), or a model on its data, as the operators to answer for."""
+    if source is None:
+        if data is not None:
+            raise UsageError("--data without SOURCE is ambiguous: name the model file (or a result file without --data)")
+        source = "hessian.npz"
+        if not Path(source).exists():
+            raise HesscliError("no SOURCE given and no hessian.npz in the current directory: name a result file, "
+                               "or a model file with --data")
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).exists():
+            raise HesscliError(f"SOURCE '{source}' does not exist")
+        if is_result_file(str(source)):
+            if data is not None:
+                raise UsageError(f"'{source}' is a result file: --data applies to a model SOURCE only")
+            return result_source(str(source), per_block, command, blocks)
+        if data is None or (isinstance(data, (list, tuple)) and not data):
+            raise UsageError(f"'{source}' is a model file: pass --data FILE (or give a result file from compute)")
+    session = session_for(source, data, comm, **options)
+    return model_source(session, per_block, command, blocks, comm)
+
+
+def _finish_meta(src: Source, t0: float, **fields) -> dict:
+    meta = dict(src.meta)
+    meta.update(fields)
+    meta.update(hvps=src.hvps, per_block=src.per_block, approximation=src.approximation, seconds=time.perf_counter() - t0)
     return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# compute
 
 
 def _index_arrays(obj: Objective, names: list[str], offsets: list[int]) -> dict:
@@ -70,7 +144,7 @@ def _index_arrays(obj: Objective, names: list[str], offsets: list[int]) -> dict:
     }
 
 
-def dense_arrays(obj: Objective, res: DenseResult, no_dense: bool) -> dict:
+def _dense_arrays(obj: Objective, res: DenseResult, no_dense: bool) -> dict:
     """SPEC.md's arrays of a compute result."""
     blocks = res.blocks
     arrays = _index_arrays(obj, [b.name for b in blocks], [b.start for b in blocks] + [blocks[-1].stop])
@@ -95,8 +169,8 @@ def dense_arrays(obj: Objective, res: DenseResult, no_dense: bool) -> dict:
 
 
 def compute(
-    spec: ModelSpec,
-    out: str | os.PathLike = "hessian.npz",
+    model: ModelLike,
+    data: DataLike = None,
     *,
     mode: str = "auto",
     blocks: str = "module",
@@ -104,34 +178,34 @@ def compute(
     eigenvectors: bool = False,
     no_dense: bool = False,
     symmetric: bool = True,
-    force: bool = False,
     progress: Progress | None = None,
     comm=None,
     split: str = "data",
-) -> dict:
-    """``hesscli compute``: the dense Hessian into ``out``; returns the summary (``--json``).
+    **options: Any,
+) -> ComputeResult:
+    """``hesscli compute``: the dense Hessian H (P, P) of the loss, full or block-diagonal
+    (``mode``: auto, full, block; ``blocks``: module, layer, tensor), inside ``max_memory`` bytes
+    (or a size such as ``"4GB"``; default half of what the process may use).
 
-    Under torchrun (``comm`` from :func:`hesscli.runtime.distributed.from_env`), ``split="data"`` divides
-    the data over the ranks and ``split="columns"`` the Hessian's columns; rank 0 alone writes.
-    """
+    Returns a :class:`ComputeResult`: eigenvalues (P,) ascending and the matrix in full mode, per
+    block in block mode, tr H, ``meta``. Under torchrun (``comm`` from
+    :func:`hesscli.runtime.distributed.from_env`), ``split="data"`` divides the data over the ranks
+    and ``split="columns"`` the Hessian's columns. Raises :class:`~hesscli.errors.MemoryBudgetError`
+    (exit 3) when the plan does not fit, :class:`HesscliError` for bad input."""
     t0 = time.perf_counter()
     if split not in ("data", "columns"):
         raise UsageError(f"--split '{split}': choose data or columns")
-    writer = comm is None or comm.rank == 0
     with stage(comm):
-        if writer:
-            check_output(out, force)
         budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
-    session = open_session(spec, comm, split=split)
+    session = session_for(model, data, comm, split, **options)
     obj = session.objective
-    if comm is not None:
-        budget = _agree_on_plan(obj, comm, budget)
+    if comm is not None:  # the same dense plan on every rank: the smallest memory budget
+        budget = int(comm.minimum(budget if budget is not None else default_budget(obj.device)))
     with stage(comm):
         plan = plan_dense(obj, mode, blocks, budget, eigenvectors)
     column_comm = comm if comm is not None and split == "columns" else None
-    res = dense_hessian(
-        obj, eigenvectors=eigenvectors, symmetric=symmetric, progress=progress, plan=plan, column_comm=column_comm
-    )
+    res = dense_hessian(obj, eigenvectors=eigenvectors, symmetric=symmetric, progress=progress, plan=plan,
+                        column_comm=column_comm)
     hvps, asymmetry = res.hvps, res.asymmetry
     if comm is not None:  # the products every rank computed (its pieces, or its columns); the worst asymmetry
         n = torch.tensor([float(hvps)], dtype=torch.float64)
@@ -140,9 +214,9 @@ def compute(
         a = torch.tensor([asymmetry], dtype=torch.float64)
         comm.all_reduce(a, op="max")
         asymmetry = a.item()
-    meta = base_meta(
+    meta = build_meta(
         "compute",
-        session,
+        session=session,
         mode=res.mode,
         blocks=blocks if res.mode == "block" else "all",
         max_memory=res.budget,
@@ -156,21 +230,268 @@ def compute(
         seconds=time.perf_counter() - t0,
         hessian_seconds=res.seconds,
     )
-    arrays = dense_arrays(obj, res, no_dense)
-    summary = summarize(arrays, meta, out=str(out))
-    if writer:
-        write_result(out, arrays, meta, force)
-    summary["seconds"] = time.perf_counter() - t0
-    summary["notes"] = meta["notes"]
-    summary["warnings"] = meta["warnings"]
-    return summary
+    return ComputeResult(_dense_arrays(obj, res, no_dense), meta)
 
 
-def _agree_on_plan(obj: Objective, comm, budget: int | None) -> int:
-    """The same dense plan on every rank: the smallest memory budget (``open_session`` already
-    agreed on the largest gradient graph; a rank without data measures none)."""
-    return int(comm.minimum(budget if budget is not None else default_budget(obj.device)))
+# ---------------------------------------------------------------------------------------------
+# spectrum
 
 
-def output_path(out: str | None, default: str) -> Path:
-    return Path(out if out else default)
+def spectrum(
+    source: ModelLike | None = None,
+    data: DataLike = None,
+    *,
+    top_k: int = 20,
+    which: str = "largest",
+    tol: float = 1e-6,
+    max_matvecs: int | None = None,
+    block_size: int | None = None,
+    per_block: bool = False,
+    blocks: str = "module",
+    eigenvectors: bool = False,
+    progress: Progress | None = None,
+    comm=None,
+    **options: Any,
+) -> SpectrumResult:
+    """``hesscli spectrum``: the ``top_k`` extreme eigenpairs of H (``which``: largest, smallest,
+    both — half at each end — or magnitude), each with its residual ‖Hv − λv‖₂; converged when
+    ≤ ``tol``·‖H‖₂.
+
+    On a model: block Lanczos with thick restarts on Hessian-vector products (after a symmetry
+    probe), at most ``max_matvecs`` products per operator. On a ``compute`` result file: its stored
+    eigenvalues, with no eigendecomposition (an ``eigh`` of the stored matrix only when
+    ``eigenvectors`` are wanted and not stored). ``per_block``: the same for each diagonal block
+    (``blocks``: module, layer, tensor), labelled block-diagonal.
+
+    Returns a :class:`SpectrumResult` (``exit_code`` 4 when a pair did not converge)."""
+    t0 = time.perf_counter()
+    if not (top_k >= 1):
+        raise UsageError(f"--top-k must be at least 1 (got {top_k})")
+    if which not in ("largest", "smallest", "both", "magnitude"):
+        raise UsageError(f"--which '{which}': choose largest, smallest, both or magnitude")
+    if not (tol > 0):
+        raise UsageError(f"--tol must be positive (got {tol})")
+    src = _source(source, data, per_block, blocks, "spectrum", comm, options)
+    progress = progress or NullProgress()
+    seed = int(options.get("seed", 0)) if src.session is None else src.session.spec.seed
+    results = []
+    for t in src.targets:
+        r = None
+        if t.eigenvalues is not None:  # a result file's answer: no eigendecomposition
+            vecs = t.vectors() if t.vectors is not None else None
+            if vecs is not None or not eigenvectors:
+                op = t.operator() if vecs is not None else None  # the matrix, only to measure residuals
+                r = stored_eigs(t.eigenvalues, top_k, which, tol, vectors=vecs, op=op, eigenvectors=eigenvectors)
+        if r is None:
+            op = t.operator()
+            if op is None:
+                raise HesscliError(f"'{src.path}' stores no Hessian for '{t.name}' (written with --no-dense): spectrum "
+                                   + ("--eigenvectors " if t.eigenvalues is not None else "") + "needs the matrix")
+            r = lanczos(op, top_k, which, tol, max_matvecs, block_size, seed=seed, eigenvectors=eigenvectors,
+                        progress=progress)
+        results.append(r)
+    multi = len(src.targets) > 1 or src.per_block
+    arrays: dict = {}
+    targets = []
+    for t, r in zip(src.targets, results, strict=True):
+        if multi:
+            p = f"blocks/{t.name}/"
+            arrays[p + "eigenvalues"] = r.eigenvalues
+            arrays[p + "residuals"] = r.residuals
+            arrays[p + "converged"] = r.converged
+            arrays[p + "matvecs"] = np.int64(r.matvecs)
+            if r.eigenvectors is not None:
+                arrays[p + "eigenvectors"] = r.eigenvectors
+        targets.append({"name": t.name, "size": t.size, "norm": r.norm, "restarts": r.restarts, "method": r.method,
+                        "block_size": r.block_size, "seconds": r.seconds, "notes": list(r.notes)})
+    # the whole operator's answer (per block: the extreme pairs of the block-diagonal part)
+    ev = np.concatenate([r.eigenvalues for r in results])
+    res = np.concatenate([r.residuals for r in results])
+    conv = np.concatenate([r.converged for r in results])
+    order = np.argsort(ev, kind="stable")
+    pick = order[select(ev[order], top_k, which)]
+    arrays.update(eigenvalues=ev[pick], residuals=res[pick], converged=conv[pick])
+    if eigenvectors and not multi:
+        arrays["eigenvectors"] = results[0].eigenvectors
+    arrays["matvecs"] = np.int64(sum(r.matvecs for r in results))
+    arrays.update(src.block_index())
+    notes = [f"{t.name}: {n}" if multi else n for t, r in zip(src.targets, results, strict=True) for n in r.notes]
+    if any(r.method == "stored" and np.isnan(r.residuals).any() for r in results):
+        notes.append("eigenvalues read from the result file (compute's eigh, a direct method), no eigendecomposition: "
+                     "their residuals are not measured without stored eigenvectors (null) and --tol does not apply; "
+                     "compute --eigenvectors stores the vectors that measure them")
+    methods = sorted({r.method for r in results})
+    meta = _finish_meta(
+        src, t0, top_k=top_k, which=which, tol=tol, max_matvecs=max_matvecs, block_size=results[0].block_size,
+        matvecs=int(arrays["matvecs"]), method=methods[0] if len(methods) == 1 else methods,
+        norm_estimate=max(r.norm for r in results), converged=bool(all(r.converged.all() for r in results)),
+        targets=targets, notes=list(src.meta.get("notes") or []) + notes,
+    )
+    return SpectrumResult(arrays, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# trace
+
+
+def trace(
+    source: ModelLike | None = None,
+    data: DataLike = None,
+    *,
+    method: str = "auto",
+    matvecs: int = 300,
+    per_block: bool = False,
+    blocks: str = "module",
+    progress: Progress | None = None,
+    comm=None,
+    **options: Any,
+) -> TraceResult:
+    """``hesscli trace``: tr H with its standard error — ``method`` exact (P products, or the
+    stored matrix), hutchinson, hutchpp or xtrace with ``matvecs`` products per estimate; auto
+    takes exact when P ≤ ``matvecs`` or the matrix is stored, else Hutch++. ``per_block``: each
+    diagonal block's trace (they add up to tr H).
+
+    Returns a :class:`TraceResult` (units: the loss's per parameter², summed over the diagonal)."""
+    t0 = time.perf_counter()
+    if method not in ("auto", "exact", "hutchinson", "hutchpp", "xtrace"):
+        raise UsageError(f"--method '{method}': choose auto, exact, hutchinson, hutchpp or xtrace")
+    if not (matvecs >= 1):
+        raise UsageError(f"--matvecs must be at least 1 (got {matvecs})")
+    src = _source(source, data, per_block, blocks, "trace", comm, options)
+    progress = progress or NullProgress()
+    seed = int(options.get("seed", 0)) if src.session is None else src.session.spec.seed
+    results = []
+    for i, t in enumerate(src.targets):
+        op = t.operator()
+        if op is None:
+            if t.trace is None:
+                raise HesscliError(f"'{src.path}' stores neither a Hessian nor a trace for '{t.name}'")
+            results.append(trace_alg.TraceResult(t.trace, 0.0, "exact", 0, 0.0))
+            continue
+        results.append(trace_alg.estimate_trace(op, method, matvecs, seed + i, progress))
+    total, stderr = trace_alg.combine(results)
+    chosen = sorted({r.method for r in results})
+    arrays: dict = {"trace": np.float64(total), "trace_stderr": np.float64(stderr),
+                    "matvecs": np.int64(sum(r.matvecs for r in results))}
+    multi = len(src.targets) > 1 or src.per_block
+    targets = []
+    for t, r in zip(src.targets, results, strict=True):
+        if multi:
+            p = f"blocks/{t.name}/"
+            arrays[p + "trace"] = np.float64(r.trace)
+            arrays[p + "trace_stderr"] = np.float64(r.stderr)
+            arrays[p + "matvecs"] = np.int64(r.matvecs)
+        targets.append({"name": t.name, "size": t.size, "trace": r.trace, "stderr": r.stderr, "method": r.method,
+                        "matvecs": r.matvecs, "seconds": r.seconds})
+    arrays.update(src.block_index())
+    meta = _finish_meta(
+        src, t0, method=chosen[0] if len(chosen) == 1 else chosen, method_requested=method,
+        matvecs=int(arrays["matvecs"]), matvecs_per_estimate=matvecs, trace=total,
+        seeds=[seed + i for i in range(len(src.targets))], trace_stderr=stderr, targets=targets,
+    )
+    return TraceResult(arrays, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# density
+
+
+def density(
+    source: ModelLike | None = None,
+    data: DataLike = None,
+    *,
+    runs: int = 10,
+    steps: int = 80,
+    per_block: bool = False,
+    blocks: str = "module",
+    progress: Progress | None = None,
+    comm=None,
+    **options: Any,
+) -> DensityResult:
+    """``hesscli density``: the eigenvalue density of H by stochastic Lanczos quadrature (``runs``
+    random starts of ``steps`` Lanczos steps each), or from a result file's exact eigenvalues
+    (then ``runs`` and ``steps`` do not apply). ``per_block``: each diagonal block's density, and
+    the block-diagonal part's (the blocks' densities weighted by their sizes).
+
+    Returns a :class:`DensityResult` (grid in eigenvalue units; :meth:`DensityResult.plot`)."""
+    t0 = time.perf_counter()
+    if runs < 1 or steps < 2:
+        raise UsageError(f"--runs must be at least 1 and --steps at least 2 (got {runs}, {steps})")
+    src = _source(source, data, per_block, blocks, "density", comm, options)
+    progress = progress or NullProgress()
+    seed = int(options.get("seed", 0)) if src.session is None else src.session.spec.seed
+    results = []
+    for i, t in enumerate(src.targets):
+        op = t.operator() if t.eigenvalues is None else None  # stored eigenvalues: the matrix is not read
+        if op is None and t.eigenvalues is None:
+            raise HesscliError(f"'{src.path}' stores neither a Hessian nor eigenvalues for '{t.name}'")
+        results.append(density_alg.spectral_density(op, runs, steps, seed + i, progress, eigenvalues=t.eigenvalues))
+    slq_used = any(r.method == "slq" for r in results)
+    resolution = steps if slq_used else density_alg.DENSE_RESOLUTION
+    notes = [] if slq_used else [
+        f"--runs and --steps do not apply to exact eigenvalues (a result file): the density is theirs, smoothed with "
+        f"σ = (λmax − λmin)/{2 * density_alg.DENSE_RESOLUTION} whatever --steps says"]
+    multi = len(src.targets) > 1 or src.per_block
+    arrays: dict = {}
+    targets = []
+    for t, r in zip(src.targets, results, strict=True):
+        if multi:
+            p = f"blocks/{t.name}/"
+            arrays[p + "density_grid"] = r.grid
+            arrays[p + "density"] = r.density
+            arrays[p + "sigma"] = np.float64(r.sigma)
+        targets.append({"name": t.name, "size": t.size, "lambda_min": r.lambda_min, "lambda_max": r.lambda_max,
+                        "sigma": r.sigma, "method": r.method, "matvecs": r.matvecs, "seconds": r.seconds})
+    if multi:  # the block-diagonal part's density: the blocks' densities weighted by their sizes
+        P = sum(t.size for t in src.targets)
+        nodes = np.concatenate([r.nodes.ravel() for r in results])
+        weights = np.concatenate([r.weights.ravel() * t.size / P for t, r in zip(src.targets, results, strict=True)])
+        lo, hi = float(np.nanmin(nodes)), float(np.nanmax(nodes))
+        sigma = density_alg.smoothing_sigma(lo, hi, resolution)
+        grid = np.linspace(lo - 4 * sigma, hi + 4 * sigma, len(results[0].grid))
+        dens = density_alg.smooth(nodes, weights, sigma, grid)
+        method_name = sorted({r.method for r in results})
+    else:
+        r = results[0]
+        grid, dens, sigma = r.grid, r.density, r.sigma
+        method_name = [r.method]
+        if r.method == "slq":
+            arrays["slq_nodes"] = r.nodes
+            arrays["slq_weights"] = r.weights
+    arrays.update(density_grid=grid, density=dens, sigma=np.float64(sigma),
+                  matvecs=np.int64(sum(r.matvecs for r in results)))
+    arrays.update(src.block_index())
+    meta = _finish_meta(
+        src, t0, runs=runs if slq_used else None, steps=steps if slq_used else None, sigma=sigma,
+        method=method_name[0] if len(method_name) == 1 else method_name, matvecs=int(arrays["matvecs"]),
+        seeds=[seed + i for i in range(len(src.targets))] if slq_used else None,
+        smoothing=f"gaussian, sigma = (lambda_max - lambda_min) / (2 * {'steps' if slq_used else density_alg.DENSE_RESOLUTION})",
+        targets=targets, notes=list(src.meta.get("notes") or []) + notes,
+    )
+    return DensityResult(arrays, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect, merge
+
+
+def inspect(model: ModelLike, data: DataLike = None, **options: Any) -> InspectResult:
+    """``hesscli inspect``: the model's parameters (names, shapes, frozen, tied), its blocks, and
+    the bytes full and block mode would need against the default budget; with data, also the
+    loss. Returns an :class:`InspectResult`."""
+    from hesscli.inspection import inspect_model
+
+    if isinstance(model, (Session, nn.Module)) or data is not None:
+        return InspectResult(inspect_model(session_for(model, data, **options)))
+    return InspectResult(inspect_model(_spec(model, [], options)))
+
+
+def merge(paths: Sequence[str | os.PathLike]) -> MergeResult:
+    """``hesscli merge``: one compute result from compute results on disjoint shards of the data,
+    each weighted by its share of the loss terms (a mean loss) — the Hessian of the whole data.
+    Raises :class:`HesscliError` naming the files when they are not compatible."""
+    from hesscli.algorithms.merge import merge_results
+
+    arrays, meta = merge_results(list(paths))
+    return MergeResult(arrays, meta)
+

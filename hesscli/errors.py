@@ -36,6 +36,7 @@ class HesscliError(Exception):
 
     @property
     def message(self) -> str:
+        """The one-line message shown after 'Error:'."""
         return str(self)
 
 

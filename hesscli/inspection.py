@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import re
 
-from rich.console import Console
-from rich.table import Table
-
 from hesscli.algorithms.dense import dense_bytes
-from hesscli.api import ModelSpec, open_session
-from hesscli.cli.console import fmt_num
 from hesscli.errors import UsageError
 from hesscli.io.loading import load_model, parse_arch_kwargs
 from hesscli.objective.core import param_blocks
 from hesscli.objective.ties import tied_parameters
-from hesscli.runtime.memory import default_budget, fmt_bytes
+from hesscli.runtime.memory import default_budget
+from hesscli.session import ModelSpec, Session
 
 __all__ = ["inspect_model"]
 
 
 
-def inspect_model(spec: ModelSpec, console: Console):
-    """Summary dict and a renderer for ``hesscli inspect``."""
+def inspect_model(spec: ModelSpec | Session) -> dict:
+    """The facts ``hesscli inspect`` shows, as a JSON-ready dict: parameters, blocks, dense bytes
+    (full and block mode) against the default budget, and with data (an open ``Session``) the loss."""
     import torch
 
-    session = None
-    if spec.data:
-        session = open_session(spec)
+    session = spec if isinstance(spec, Session) else None
+    if session is not None:
         obj = session.objective
         names, shapes, lm = obj.names, obj.shapes, session.model
         frozen, tied = set(obj.frozen), obj.tied
@@ -68,6 +64,7 @@ def inspect_model(spec: ModelSpec, console: Console):
         "status": "ok",
         "command": "inspect",
         "model": {"path": lm.path, "format": lm.format, "sha256": lm.sha256},
+        "device": str(device),
         "n_params": P,
         "dtype": dtype,
         "params": [{"name": n, "shape": list(s), "size": z, "frozen": n in frozen} for n, s, z in zip(names, shapes, sizes)],
@@ -84,31 +81,4 @@ def inspect_model(spec: ModelSpec, console: Console):
         summary.update(n_samples=obj.n_samples, n_loss_terms=obj.n_loss_terms, loss=obj.loss.name,
                        reduction=obj.reduction, loss_value=obj.loss_value, notes=obj.info.notes)
 
-    def render():
-        t = Table(title=f"{lm.path} ({lm.format}, {dtype})", title_justify="left")
-        for c, j in (("parameter", "left"), ("shape", "left"), ("size", "right"), ("", "left")):
-            t.add_column(c, justify=j)
-        alias_of = {}
-        for d in tied:
-            alias_of.setdefault(d["tied_to"], []).append(d["name"])
-        for n, s, z in zip(names, shapes, sizes):
-            mark = ["frozen (requires_grad=False)"] if n in frozen else []
-            mark += [f"tied: {', '.join(alias_of[n])}"] if n in alias_of else []
-            t.add_row(n, "×".join(map(str, s)) or "scalar", fmt_num(z), "; ".join(mark))
-        console.print(t)
-        if frozen & set(names):
-            console.print(f"{len(frozen & set(names))} frozen tensor(s) included; --trainable-only leaves them out")
-        bt = Table(title="blocks (--blocks module)", title_justify="left")
-        for c, j in (("block", "left"), ("size", "right"), ("dense memory", "right")):
-            bt.add_column(c, justify=j)
-        for b in summary["blocks"]:
-            bt.add_row(b["name"], fmt_num(b["size"]), fmt_bytes(b["dense_bytes"]))
-        console.print(bt)
-        console.print(
-            f"P = {P:,} · full mode needs about {fmt_bytes(full_bytes)} · block mode {fmt_bytes(block_bytes)} · "
-            f"default budget {fmt_bytes(budget)} → {summary['fits']}"
-        )
-        if session is not None:
-            console.print(f"{obj.n_samples:,} samples · loss {obj.loss.name} ({obj.reduction}) = {obj.loss_value:.6g}")
-
-    return summary, render
+    return summary

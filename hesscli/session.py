@@ -9,13 +9,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from hesscli.errors import UsageError
 from hesscli.io.data import Dataset, load_dataset
 from hesscli.io.loading import LoadedModel, load_model, parse_arch_kwargs
 from hesscli.objective.core import Objective
 
-__all__ = ["ModelSpec", "Session", "open_session", "stage"]
+__all__ = ["ModelSpec", "Session", "open_session", "in_memory_model", "stage"]
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ModelSpec:
 
 @dataclass
 class Session:
+    """An open model and its data: the ModelSpec, the loaded model, the data (this rank's part under torchrun) and the Objective."""
     spec: ModelSpec
     model: LoadedModel
     data: Dataset
@@ -52,24 +54,41 @@ class Session:
     all_data: Dataset | None = None  # the whole data set when ``data`` is this rank's part
 
 
-def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
+def open_session(
+    spec: ModelSpec,
+    comm=None,
+    split: str = "data",
+    *,
+    module: nn.Module | None = None,
+    dataset: Dataset | None = None,
+) -> Session:
     """Load the model and data, check them, and build the objective.
+
+    ``module``: an in-memory model instead of the file ``spec.model`` (a notebook's ``nn.Module``;
+    the objective works on a copy, the caller's module is left as it is). ``dataset``: in-memory
+    data (:meth:`Dataset.from_tensors`) instead of the files ``spec.data``.
 
     Under torchrun (``comm``), ``split="data"`` gives this rank its part of the data
     (:meth:`Dataset.split`) and an objective whose products are summed over the ranks;
     ``split="columns"`` keeps all the data on every rank and a rank-local objective.
     """
     t0 = time.perf_counter()
-    if not spec.data:
+    if not spec.data and dataset is None:
         raise UsageError("no data: pass --data FILE (one or more)")
     if split not in ("data", "columns"):
         raise UsageError(f"--split '{split}': choose data or columns")
     device = comm.device_for(spec.device) if comm is not None else spec.device
     with stage(comm):  # errors here may hit some ranks only: all ranks agree before going on
         kwargs = spec.arch_kwargs if isinstance(spec.arch_kwargs, dict) else parse_arch_kwargs(spec.arch_kwargs)
-        lm = load_model(spec.model, spec.arch, kwargs if spec.arch_kwargs is not None else None, spec.trust_code)
+        if module is not None:
+            lm = in_memory_model(module)
+        else:
+            lm = load_model(spec.model, spec.arch, kwargs if spec.arch_kwargs is not None else None, spec.trust_code)
         causal = lm.hf is not None and lm.hf.head == "causal_lm"
-        full = load_dataset(spec.data, spec.input_key, spec.target_key, accepts=lm.forward_arguments(), derive_labels=causal)
+        if dataset is not None:
+            full = dataset
+        else:
+            full = load_dataset(spec.data, spec.input_key, spec.target_key, accepts=lm.forward_arguments(), derive_labels=causal)
         ds = full.split(comm.rank, comm.world) if comm is not None and split == "data" else full
         first = ds.first(4)
         example = full.first(8) if first is None else None  # this rank has no data
@@ -88,7 +107,7 @@ def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
         trainable_only=spec.trainable_only,
         static_batch=lm.static_batch,
         head=lm.hf,
-        copy=False,  # the module was loaded for this session
+        copy=module is not None,  # a file's module was loaded for this session; the caller's is copied
         **({"example": example} if example is not None else {}),
     )
     obj.info.notes[:0] = lm.notes + full.notes
@@ -101,6 +120,20 @@ def open_session(spec: ModelSpec, comm=None, split: str = "data") -> Session:
         # how many collectives run
         obj.linearization_bytes = int(comm.maximum(obj.linearization_bytes))
     return Session(spec, lm, ds, obj, time.perf_counter() - t0, comm, full)
+
+
+def in_memory_model(module: nn.Module) -> LoadedModel:
+    """A caller's module described as a model source (``meta.model``: format ``module``, no file)."""
+    if not isinstance(module, nn.Module):
+        raise UsageError(f"the model must be an nn.Module or a path, not {type(module).__name__}")
+    hf = None
+    config = getattr(module, "config", None)
+    if config is not None and type(module).__module__.startswith("transformers."):
+        from hesscli.io.hf import head_of
+
+        hf = head_of(type(module).__name__, config)
+    name = type(module).__qualname__
+    return LoadedModel(path=f"<{name}>", format="module", sha256=None, module=module, arch=name, hf=hf)
 
 
 def stage(comm):

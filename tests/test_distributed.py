@@ -111,7 +111,7 @@ def data_args(paths) -> list[str]:
 
 def one_process(case, paths, out: Path, **kw) -> tuple[dict, dict]:
     arch, sd = case
-    compute(ModelSpec(str(sd), data=[str(p) for p in paths], arch=arch, dtype=kw.pop("dtype", None)), out, **kw)
+    compute(ModelSpec(str(sd), data=[str(p) for p in paths], arch=arch, dtype=kw.pop("dtype", None)), **kw).save(out)
     return load_result(out)
 
 

@@ -51,7 +51,7 @@ def shards(work) -> list[Path]:
 def run_compute(case, data, out: Path, **kw) -> Path:
     arch, sd = case
     spec = {k: kw.pop(k) for k in ("dtype", "loss", "reduction", "params") if k in kw}
-    compute(ModelSpec(str(kw.pop("model", sd)), data=[str(p) for p in data], arch=arch, **spec), out, force=True, **kw)
+    compute(ModelSpec(str(kw.pop("model", sd)), data=[str(p) for p in data], arch=arch, **spec), **kw).save(out, force=True)
     return out
 
 

@@ -641,12 +641,12 @@ def _params_nothing(d):
 
 def _unknown_loss(d):
     return Setup(
-        _compute_on(arch_model(d, "Tiny"), tiny_data(d), "--loss", "hinge"), ["unknown --loss 'hinge'", "cross_entropy"]
+        _compute_on(arch_model(d, "Tiny"), tiny_data(d), "--loss", "hinge"), ["'--loss'", "'hinge'", "cross_entropy"]
     )
 
 
 def _unknown_engine(d):
-    return Setup(_compute_on([DIABETES_PT2], DIABETES, "--engine", "fast"), ["--engine 'fast'", "auto, autograd or chain"])
+    return Setup(_compute_on([DIABETES_PT2], DIABETES, "--engine", "fast"), ["'--engine'", "'fast'", "'auto', 'autograd', 'chain'"])
 
 
 def _engine_chain_not_a_chain(d):
@@ -656,7 +656,7 @@ def _engine_chain_not_a_chain(d):
 
 def _unknown_reduction(d):
     return Setup(
-        _compute_on(arch_model(d, "Tiny"), tiny_data(d), "--reduction", "median"), ["unknown --reduction 'median'"]
+        _compute_on(arch_model(d, "Tiny"), tiny_data(d), "--reduction", "median"), ["'--reduction'", "'median'", "'mean', 'sum'"]
     )
 
 

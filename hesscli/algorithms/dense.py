@@ -46,6 +46,7 @@ WORK_BYTES = 128 << 20  # and k·(bytes per vector) stays under this: the chunk'
 
 @dataclass
 class DenseBlock:
+    """One dense diagonal block of H: columns start:stop of the flat parameter vector, its matrix (n, n) and eigenvalues (n,) ascending."""
     name: str
     start: int
     stop: int
@@ -56,11 +57,13 @@ class DenseBlock:
 
     @property
     def size(self) -> int:
+        """Columns in the block (n)."""
         return self.stop - self.start
 
 
 @dataclass
 class DensePlan:
+    """What dense_hessian will do before it allocates: mode, blocks, chunk size and the bytes it needs against the budget."""
     mode: str  # full | block
     blocks: list[ParamBlock]
     budget: int
@@ -72,6 +75,7 @@ class DensePlan:
 
 @dataclass
 class DenseResult:
+    """The dense Hessian (full mode: one block 'all') or its diagonal blocks, with the products it took and the measured asymmetry."""
     mode: str
     blocks: list[DenseBlock]
     asymmetry: float
@@ -87,18 +91,22 @@ class DenseResult:
 
     @property
     def trace(self) -> float:
+        """tr H: the sum of the blocks' traces (the diagonal blocks hold the whole diagonal)."""
         return float(sum(b.trace for b in self.blocks))
 
     @property
     def lambda_max(self) -> float:
+        """The largest eigenvalue over the blocks (of H in full mode)."""
         return float(max(b.eigenvalues[-1] for b in self.blocks if b.size))
 
     @property
     def lambda_min(self) -> float:
+        """The smallest eigenvalue over the blocks (of H in full mode)."""
         return float(min(b.eigenvalues[0] for b in self.blocks if b.size))
 
     @property
     def n_negative(self) -> int:
+        """Eigenvalues below -negative_threshold (smaller magnitudes are rounding)."""
         return int(sum((b.eigenvalues < -self.negative_threshold).sum() for b in self.blocks))
 
 

@@ -43,6 +43,7 @@ BASIS_BUDGET = 1 << 30  # bytes of Lanczos bases held at once
 
 @dataclass
 class DensityResult:
+    """A spectral density on a grid (G,) with the quadrature nodes and weights it was smoothed from."""
     grid: np.ndarray  # (G,)
     density: np.ndarray  # (G,), integrates to 1
     nodes: np.ndarray  # (runs, steps) Ritz values (NaN past a breakdown)

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hesscli import __version__
 from hesscli.errors import HesscliError, UsageError
-from hesscli.io.resultfile import ResultFile, check_output, command_line, read_result, summarize, utc_now, write_result
+from hesscli.io.resultfile import ResultFile, read_result
+from hesscli.meta import build_meta
 
 __all__ = ["merge_results"]
 
@@ -99,14 +99,16 @@ def _weights(files: list[ResultFile]) -> tuple[list[float], int, int]:
     return [n / total for n in terms], total, samples
 
 
-def merge_results(paths: list[str | os.PathLike], out: str | os.PathLike, force: bool = False) -> dict:
-    """``hesscli merge``: one result from ``compute`` results on disjoint data; returns the summary."""
+def merge_results(paths: list[str | os.PathLike]) -> tuple[dict, dict]:
+    """One result from ``compute`` results on disjoint data: its arrays and ``meta`` (SPEC.md).
+
+    Raises :class:`UsageError` for fewer than two files or a file given twice,
+    :class:`HesscliError` naming both files when they differ in what must match."""
     t0 = time.perf_counter()
     if len(paths) < 2:
         raise UsageError("merge needs at least two result files")
     if len({os.path.realpath(p) for p in paths}) < len(paths):
         raise UsageError("merge: the same result file is given twice; its data would count twice")
-    check_output(out, force)
     files = [read_result(p) for p in paths]
     _check_compatible(files)
     w, n_terms, n_samples = _weights(files)
@@ -151,7 +153,7 @@ def merge_results(paths: list[str | os.PathLike], out: str | os.PathLike, force:
     for f in files:
         unused &= set(f.meta.get("unused_params") or [])
         notes += [n for n in f.meta.get("notes", []) if n not in notes]
-    meta = {
+    inherited = {
         k: m0.get(k)
         for k in (
             "model",
@@ -166,13 +168,9 @@ def merge_results(paths: list[str | os.PathLike], out: str | os.PathLike, force:
             "symmetric",
         )
     }
-    meta.update(
-        schema="hesscli/1",
-        hesscli_version=__version__,
-        torch_version=torch.__version__,
-        command="merge",
-        command_line=command_line(),
-        created=utc_now(),
+    meta = build_meta(
+        "merge",
+        **inherited,
         data=[d for f in files for d in f.meta.get("data", [])],
         n_samples=n_samples,
         n_loss_terms=n_terms,
@@ -203,8 +201,4 @@ def merge_results(paths: list[str | os.PathLike], out: str | os.PathLike, force:
     )
     for f in files:
         f.close()
-    write_result(out, arrays, meta, force)
-    summary = summarize(arrays, meta, out=str(out))
-    summary["seconds"] = time.perf_counter() - t0
-    summary["inputs"] = [i["path"] for i in meta["inputs"]]
-    return summary
+    return arrays, meta

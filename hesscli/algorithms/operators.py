@@ -59,6 +59,7 @@ class SymOperator:
 
     @property
     def eps(self) -> float:
+        """The rounding unit of the operator's dtype."""
         return float(torch.finfo(self.dtype).eps)
 
 

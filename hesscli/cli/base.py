@@ -6,6 +6,7 @@ Data goes to stdout (``--json``), people get stderr (tables, progress, warnings)
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import json
@@ -45,6 +46,7 @@ class Terminated(BaseException):
 
 @dataclass
 class Common:
+    """The options every command shares: --json, --quiet, -o/--out, --force."""
     json: bool = False
     quiet: bool = False
     out: Optional[str] = None
@@ -60,25 +62,54 @@ def _opt(name: str, annotation, default, *flags: str, help: str, **kw) -> inspec
     )
 
 
+class LossChoice(str, enum.Enum):
+    """--loss choices (SPEC.md, Loss)."""
+    auto = "auto"
+    cross_entropy = "cross_entropy"
+    mse = "mse"
+    nll = "nll"
+    bce_with_logits = "bce_with_logits"
+    model = "model"
+
+
+class Reduction(str, enum.Enum):
+    """--reduction choices."""
+    mean = "mean"
+    sum = "sum"
+
+
+class DtypeChoice(str, enum.Enum):
+    """--dtype choices."""
+    float32 = "float32"
+    float64 = "float64"
+
+
+class Engine(str, enum.Enum):
+    """--engine choices: auto (closed form for MLPs, checked), autograd, chain."""
+    auto = "auto"
+    autograd = "autograd"
+    chain = "chain"
+
+
 MODEL_OPTIONS = [
     _opt("data", Optional[list[str]], None, "--data", help="Data shard (.pt, .safetensors, .npz); repeat for several."),
     _opt("arch", Optional[str], None, "--arch", help="Architecture for weights-only files: file.py:NAME or package.module:NAME."),
     _opt("arch_kwargs", Optional[str], None, "--arch-kwargs", help="JSON object of keyword arguments for --arch."),
     _opt("trust_code", bool, False, "--trust-code", help="Let a safetensors file's metadata name its architecture."),
-    _opt("loss", str, "auto", "--loss", help="auto, cross_entropy, mse, nll, bce_with_logits or model."),
-    _opt("reduction", str, "mean", "--reduction", help="mean or sum."),
+    _opt("loss", LossChoice, LossChoice.auto, "--loss", help="auto, cross_entropy, mse, nll, bce_with_logits or model."),
+    _opt("reduction", Reduction, Reduction.mean, "--reduction", help="mean or sum."),
     _opt("input_key", Optional[str], None, "--input-key", help="Key of the inputs in the data shards."),
     _opt("target_key", Optional[str], None, "--target-key", help="Key of the targets in the data shards."),
     _opt("params", Optional[str], None, "--params", help="Regex selecting parameters by name (default: all)."),
     _opt("batch_size", Optional[int], None, "--batch-size", help="Samples per micro-batch (default: a whole shard)."),
     _opt("device", str, "auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    _opt("dtype", Optional[str], None, "--dtype", help="float32 or float64 (default: the parameters', at least float32)."),
+    _opt("dtype", Optional[DtypeChoice], None, "--dtype", help="float32 or float64 (default: the parameters', at least float32)."),
     _opt("seed", int, 0, "--seed", help="Seed for random vectors."),
     _opt("output_key", Optional[str], None, "--output-key",
          help="Entry of a structured output (dict, tuple, ModelOutput) that is the prediction (default: 'logits', else the only tensor)."),
     _opt("trainable_only", bool, False, "--trainable-only",
          help="Only the parameters saved with requires_grad=True (default: all; frozen ones get a note)."),
-    _opt("engine", str, "auto", "--engine",
+    _opt("engine", Engine, Engine.auto, "--engine",
          help="Hessian-vector products: auto (closed form for MLPs, checked against autograd; autograd otherwise), autograd, or chain (closed form or refuse)."),
 ]
 
@@ -122,12 +153,17 @@ def with_options(model: bool = True, common: bool = True):
     return deco
 
 
-def model_spec(model: str, spec_kw: dict):
-    from hesscli.api import ModelSpec
+def spec_options(spec_kw: dict) -> dict:
+    """The model options of the command line as keyword arguments of the library (enums as their
+    values; ``data`` left out: it is the library's second argument)."""
+    return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in spec_kw.items() if k != "data"}
 
-    kw = dict(spec_kw)
-    kw["data"] = list(kw.get("data") or [])
-    return ModelSpec(model=model, **kw)
+
+def model_spec(model: str, spec_kw: dict):
+    """A :class:`~hesscli.session.ModelSpec` from the command line's MODEL and model options."""
+    from hesscli.session import ModelSpec
+
+    return ModelSpec(model=model, data=list(spec_kw.get("data") or []), **spec_options(spec_kw))
 
 
 def emit(summary: dict, common: Common, render) -> None:
@@ -141,35 +177,50 @@ def emit(summary: dict, common: Common, render) -> None:
         render()
 
 
-def health_warnings(summary: dict) -> list[str]:
-    """Numerical health: an extreme eigenvalue (λmax or λmin, of the matrix or of any block) that
-    lies within the rounding threshold τ = ‖H‖₂·√P·ε of zero in float32 has no meaningful sign."""
-    tau = summary.get("negative_threshold") or 0.0
-    if summary.get("dtype") != "float32" or tau <= 0:
-        return []
-    near = []
-    for b in summary.get("blocks") or []:
-        for key, sym in (("lambda_max", "λmax"), ("lambda_min", "λmin")):
-            v = b.get(key)
-            if v is not None and abs(v) <= tau:
-                near.append(f"{sym} of {b['name']} ({v:.2e})")
-    if not near:
-        return []
-    return [
-        f"{', '.join(near[:4])}{' …' if len(near) > 4 else ''} within the rounding threshold {tau:.1e} of zero "
-        "in float32: the sign is not meaningful; rerun with --dtype float64"
-    ]
-
-
-def _comm():
+def comm_from_env():
     """The torchrun communicator (None in one process); rank 0 alone prints and writes."""
     from hesscli.runtime import distributed
 
     return distributed.from_env()
 
 
+def start_output(common: Common, default_out: str) -> tuple[str, object, bool]:
+    """The output path, the torchrun communicator (or None) and whether this rank writes; the
+    output is checked before any work, on the writing rank, and every rank learns of a refusal."""
+    from hesscli.io.resultfile import check_output
+    from hesscli.session import stage
+
+    out = common.out or default_out
+    comm = comm_from_env()
+    writer = comm is None or comm.rank == 0
+    with stage(comm):
+        if writer:
+            check_output(out, common.force)
+    return out, comm, writer
+
+
 # ---------------------------------------------------------------------------------------------
 # compute, show, inspect
+
+
+class Mode(str, enum.Enum):
+    """compute --mode choices."""
+    auto = "auto"
+    full = "full"
+    block = "block"
+
+
+class BlocksBy(str, enum.Enum):
+    """compute --blocks choices."""
+    module = "module"
+    layer = "layer"
+    tensor = "tensor"
+
+
+class Split(str, enum.Enum):
+    """--split choices under torchrun."""
+    data = "data"
+    columns = "columns"
 
 
 @app.command()
@@ -177,57 +228,36 @@ def _comm():
 def compute(
     model: Annotated[str, typer.Argument(help="Model file: TorchScript, torch.export (.pt2), safetensors or state_dict.")],
     *,
-    mode: Annotated[str, typer.Option("--mode", help="auto, full or block.")] = "auto",
-    blocks: Annotated[str, typer.Option("--blocks", help="Blocks of block mode: module, layer (by the first integer index in the path) or tensor.")] = "module",
+    mode: Annotated[Mode, typer.Option("--mode", help="auto, full or block.")] = Mode.auto,
+    blocks: Annotated[BlocksBy, typer.Option("--blocks", help="Blocks of block mode: module, layer (by the first integer index in the path) or tensor.")] = BlocksBy.module,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget, e.g. 4GB (default: half of what the process may use).")] = None,
     eigenvectors: Annotated[bool, typer.Option("--eigenvectors", help="Store eigenvectors too.")] = False,
     no_dense: Annotated[bool, typer.Option("--no-dense", help="Do not store the dense matrices.")] = False,
     no_symmetry: Annotated[bool, typer.Option("--no-symmetry", help="Compute every column instead of one triangle of tensor blocks.")] = False,
-    split: Annotated[str, typer.Option("--split", help="Under torchrun: data (default) or columns.")] = "data",
+    split: Annotated[Split, typer.Option("--split", help="Under torchrun: data (default) or columns.")] = Split.data,
     spec_kw: dict,
     common: Common,
 ) -> int:
     """The dense Hessian (full or block-diagonal) of a model's loss, into an .npz."""
-    from hesscli.api import compute as run_compute
-    from hesscli.cli.console import err_console, make_progress, summary_footer, summary_table
+    from hesscli import api
+    from hesscli.cli.console import err_console, make_progress
+    from hesscli.cli.render import render_compute
 
-    con = err_console()
-    comm = _comm()
-    out = common.out or "hessian.npz"
     if not spec_kw.get("data"):
         raise UsageError("compute needs --data FILE")
-    if split not in ("data", "columns"):
-        raise UsageError(f"--split '{split}': choose data or columns")
-    summary = run_compute(
-        model_spec(model, spec_kw),
-        out,
-        mode=mode,
-        blocks=blocks,
-        max_memory=max_memory,
-        eigenvectors=eigenvectors,
-        no_dense=no_dense,
-        symmetric=not no_symmetry,
-        force=common.force,
-        progress=make_progress(con, common.quiet or (comm is not None and comm.rank != 0)),
-        comm=comm,
-        split=split,
+    out, comm, writer = start_output(common, "hessian.npz")
+    con = err_console()
+    result = api.compute(
+        model, spec_kw["data"], mode=Mode(mode).value, blocks=BlocksBy(blocks).value, max_memory=max_memory,
+        eigenvectors=eigenvectors, no_dense=no_dense, symmetric=not no_symmetry,
+        progress=make_progress(con, common.quiet or not writer), comm=comm, split=Split(split).value,
+        **spec_options(spec_kw),
     )
-    if comm is not None and comm.rank != 0:
-        return 0
-
-    def render():
-        con.print(summary_table(summary))
-        con.print(summary_footer(summary))
-        for note in summary.get("notes", []):
-            if not note.startswith("warning: "):  # the warnings follow
-                con.print(f"note: {note}")
-        for warning in summary["warnings"]:
-            con.print(f"[yellow]warning:[/yellow] {warning}")
-        con.print(f"wrote {summary['out']}")
-
-    summary["warnings"] = list(summary.get("warnings") or []) + health_warnings(summary)
-    emit(summary, common, render)
-    return 0
+    if writer:
+        result.save(out, common.force)
+        summary = result.summary()
+        emit(summary, common, lambda: (render_compute(con, summary), con.print(f"wrote {out}")))
+    return result.exit_code
 
 
 @app.command()
@@ -238,89 +268,25 @@ def show(
     common: Common,
 ) -> int:
     """Print the summary of a result file."""
-    from hesscli.cli.console import err_console, summary_footer, summary_table
-    from hesscli.io.resultfile import read_result, summarize
+    from hesscli.cli.console import err_console
+    from hesscli.cli.render import RENDERERS, render_density
+    from hesscli.results import DensityResult, load
 
-    rf = read_result(result)
-    command = rf.meta.get("command")
+    loaded = load(result)
+    summary = loaded.summary()
     con = err_console()
-    if command in ("spectrum", "trace", "density"):
-        summary = estimate_summary(rf)
-
-        def render():
-            con.print(estimate_table(summary, title=f"{command}: {result}"))
-            con.print(summary_footer(summary))
-
-        emit(summary, common, render)
-        return 0
-    summary = summarize(rf)
+    command = summary.get("command")
 
     def render():
-        con.print(summary_table(summary, title=f"{command or 'result'}: {result}"))
-        con.print(summary_footer(summary))
-        for warning in summary["warnings"]:
-            con.print(f"[yellow]warning:[/yellow] {warning}")
+        if isinstance(loaded, DensityResult):
+            render_density(con, summary, loaded.grid, loaded.density)
+        elif command in ("compute", "merge"):
+            RENDERERS[command](con, summary, title=f"{command}: {result}")
+        else:
+            RENDERERS[command](con, summary)
 
-    summary["warnings"] = health_warnings(summary)
     emit(summary, common, render)
     return 0
-
-
-_ESTIMATE_KEYS = ("eigenvalues", "residuals", "converged", "trace", "trace_stderr", "matvecs")
-
-
-def estimate_summary(rf) -> dict:
-    """The summary of a spectrum, trace or density result: its estimates, whole and per block."""
-    from hesscli.io.resultfile import json_safe, summarize
-
-    base = summarize(rf)
-    base.pop("blocks", None)
-    meta = rf.meta
-    out = dict(base, method=meta.get("method"), approximation=meta.get("approximation"))
-    for k in _ESTIMATE_KEYS:
-        if k in rf:
-            out[k] = rf[k]
-    if "density" in rf:
-        grid = rf["density_grid"]
-        out.update(lambda_min=float(grid[0]), lambda_max=float(grid[-1]), grid_points=int(len(grid)))
-    blocks = []
-    for name in rf.block_names if "block_names" in rf else []:
-        b = {"name": name}
-        for k in _ESTIMATE_KEYS:
-            key = f"blocks/{name}/{k}"
-            if key in rf:
-                b[k] = rf[key]
-        if len(b) > 1:
-            blocks.append(b)
-    out["blocks"] = blocks
-    return json_safe(out)
-
-
-def estimate_table(summary: dict, title: str):
-    from rich.table import Table
-
-    from hesscli.cli.console import fmt_num
-
-    t = Table(title=title, title_justify="left")
-    rows = [dict(summary, name="all")] + list(summary.get("blocks") or [])
-    t.add_column("block")
-    for col in ("trace", "± stderr", "λmax", "λmin", "worst residual", "converged", "matvecs"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        ev = r.get("eigenvalues") or []
-        res = [x for x in (r.get("residuals") or []) if x is not None]
-        conv = r.get("converged") or []
-        t.add_row(
-            r["name"],
-            fmt_num(r.get("trace")),
-            fmt_num(r.get("trace_stderr")),
-            fmt_num(max(ev)) if ev else fmt_num(r.get("lambda_max")),
-            fmt_num(min(ev)) if ev else fmt_num(r.get("lambda_min")),
-            f"{max(res):.1e}" if res else "—",
-            f"{sum(bool(c) for c in conv)}/{len(conv)}" if conv else "—",
-            fmt_num(r.get("matvecs")),
-        )
-    return t
 
 
 @app.command()
@@ -332,13 +298,15 @@ def inspect_(
     common: Common,
 ) -> int:
     """List a model's parameters and blocks, and the memory full and block mode would need."""
+    from hesscli import api
     from hesscli.cli.console import err_console
-    from hesscli.inspection import inspect_model
+    from hesscli.cli.render import render_inspect
 
     con = err_console()
-    summary, render = inspect_model(model_spec(model, spec_kw), con)
-    emit(summary, common, render)
-    return 0
+    result = api.inspect(model, spec_kw.get("data") or None, **spec_options(spec_kw))
+    summary = result.summary()
+    emit(summary, common, lambda: render_inspect(con, summary))
+    return result.exit_code
 
 
 app.registered_commands[-1].name = "inspect"
@@ -461,10 +429,11 @@ def _main(args: list[str]) -> int:
     except exit_types as e:
         code = getattr(e, "exit_code", 0)
     except _cx.UsageError as e:
-        msg = clean_message(e.format_message())
+        # one line, as every error (SPEC.md): the message and where the usage is
+        msg = clean_message(e.format_message()).replace("Value error, ", "")
         ctx = e.ctx
-        usage = ctx.get_usage() if ctx is not None else ""
-        sys.stderr.write((usage + "\n" if usage else "") + f"Error: {msg}\n")
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None and ctx.command_path else ""
+        sys.stderr.write(f"Error: {msg}{where}\n")
         code = 2
     except click_error as e:  # e.g. click's FileError
         sys.stderr.write(f"Error: {clean_message(e.format_message())}\n")
@@ -505,4 +474,5 @@ def _main(args: list[str]) -> int:
 
 
 def run() -> None:
+    """The console script: main() with the process's arguments, then exit with its code."""
     sys.exit(main())

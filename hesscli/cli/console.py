@@ -17,6 +17,7 @@ __all__ = ["err_console", "make_progress", "summary_table", "fmt_num"]
 
 
 def err_console() -> Console:
+    """The Rich console on stderr (stdout is kept for --json); honours NO_COLOR."""
     return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False, soft_wrap=False)
 
 
@@ -60,6 +61,7 @@ def make_progress(console: Console, quiet: bool) -> Progress:
 
 
 def fmt_num(x, digits: int = 5) -> str:
+    """A number for a table: thousands separators for integers, digits significant figures otherwise, em dash for None."""
     if x is None:
         return "—"
     if isinstance(x, int):

@@ -20,18 +20,18 @@ def merge(
     common: Common,
 ) -> int:
     """Combine compute results on separate shards, weighted by their loss terms (needs -o)."""
-    from hesscli.algorithms.merge import merge_results
-    from hesscli.cli.console import err_console, summary_footer, summary_table
+    from hesscli import api
+    from hesscli.cli.console import err_console
+    from hesscli.cli.render import render_compute
+    from hesscli.io.resultfile import check_output
 
     if not common.out:
         raise UsageError("merge needs -o OUT.npz")
-    summary = merge_results(results, common.out, force=common.force)
+    check_output(common.out, common.force)
+    result = api.merge(results)
+    result.save(common.out, common.force)
+    summary = result.summary()
     con = err_console()
-
-    def render():
-        con.print(summary_table(summary, title=f"merged {len(results)} results"))
-        con.print(summary_footer(summary))
-        con.print(f"wrote {summary['out']}")
-
-    emit(summary, common, render)
-    return 0
+    emit(summary, common, lambda: (render_compute(con, summary, title=f"merged {len(results)} results"),
+                                   con.print(f"wrote {common.out}")))
+    return result.exit_code

@@ -43,6 +43,7 @@ class HFInfo:
 
 
 def is_hf_directory(path: Path) -> bool:
+    """Whether path is a Hugging Face model directory (a config.json with a model class and weights)."""
     return path.is_dir() and (path / "config.json").is_file()
 
 

@@ -44,6 +44,7 @@ FORMATS = ("torchscript", "export", "safetensors", "state_dict")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file (hex), read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -448,6 +449,7 @@ class LoadedModel:
     hf: Any = None  # hesscli.io.hf.HFInfo for a Hugging Face directory
 
     def named_parameters(self):
+        """The module's (name, parameter) pairs, in its own order."""
         return list(self.module.named_parameters())
 
     def forward_arguments(self) -> set[str] | None:

@@ -34,6 +34,7 @@ SCHEMA = "hesscli/1"
 
 
 def utc_now() -> str:
+    """The current time, UTC, ISO 8601 with a Z (meta.created)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
@@ -175,13 +176,16 @@ class ResultFile:
             raise HesscliError(f"cannot read '{key}' from result file '{self.path}': {_reason(e)}") from None
 
     def get(self, key: str, default=None):
+        """The array key, or default when the file does not hold it."""
         return self[key] if key in self.keys else default
 
     @property
     def block_names(self) -> list[str]:
+        """The block names (B,) as str."""
         return [str(s) for s in self["block_names"]]
 
     def close(self) -> None:
+        """Close the underlying file."""
         z = getattr(self, "_z", None)
         if z is not None and hasattr(z, "close"):
             z.close()
@@ -203,6 +207,7 @@ class ResultFile:
 
 
 def read_result(path: str | os.PathLike) -> ResultFile:
+    """Open a result file (lazy: arrays are read on access); HesscliError naming the file when it is not one."""
     return ResultFile(path)
 
 

@@ -13,6 +13,7 @@ __all__ = ["resolve_device", "resolve_dtype", "no_tf32", "tf32_off"]
 
 
 def resolve_device(spec: str | None) -> torch.device:
+    """The torch.device for --device (auto: CUDA when available, else CPU); UsageError for an unknown or missing device."""
     spec = (spec or "auto").strip()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

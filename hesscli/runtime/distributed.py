@@ -162,6 +162,7 @@ class Comm:
         return self.all_reduce(torch.tensor([float(value)], dtype=torch.float64), op="max").item()
 
     def minimum(self, value: float) -> float:
+        """The smallest value over the ranks."""
         return -self.maximum(-float(value))
 
     # ------------------------------------------------------------------ failures
@@ -170,6 +171,7 @@ class Comm:
         return f"hesscli/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{self.generation}/{kind}/{rank}"
 
     def post(self, kind: str, value: str = "") -> None:
+        """Tell the other ranks something (kind, value) through the store."""
         if self.store is None:
             return
         try:
@@ -178,6 +180,7 @@ class Comm:
             pass
 
     def post_error(self, message: str, exit_code: int = 1) -> None:
+        """Tell every rank that this one failed with message and exit_code."""
         if not self.posted:
             self.posted = True
             self.post("error", json.dumps({"code": int(exit_code), "message": message}))

@@ -1,0 +1,185 @@
+"""The library is the product (issue 13): every command is a function returning a typed result;
+the CLI's ``--json`` is that result's summary; ``hesscli.load`` reads any result file back into its
+type; a call on an in-memory module leaves the caller's process as it found it."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import hesscli
+from hesscli.results import ComputeResult, DensityResult, MergeResult, SpectrumResult, TraceResult
+
+ARCH = "sample_checkpoints/archs.py:DiabetesMLP"
+VOLATILE = {"seconds", "created", "command_line"}
+
+
+def _strip(x):
+    """A summary without its timings (they differ between two runs of the same work)."""
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if k not in VOLATILE}
+    if isinstance(x, list):
+        return [_strip(v) for v in x]
+    return x
+
+
+@pytest.fixture(scope="module")
+def diabetes(samples):
+    return str(samples / "diabetes_mlp.pt"), str(samples / "diabetes.pt")
+
+
+@pytest.fixture(scope="module")
+def halves(samples, tmp_path_factory):
+    """The diabetes data in two disjoint shards."""
+    d = torch.load(samples / "diabetes.pt")
+    tmp = tmp_path_factory.mktemp("halves")
+    paths = []
+    for i, sl in enumerate((slice(0, 200), slice(200, None))):
+        p = tmp / f"half{i}.pt"
+        torch.save({k: v[sl] for k, v in d.items()}, p)
+        paths.append(str(p))
+    return paths
+
+
+def _same(cli_json: dict, result) -> None:
+    assert _strip(cli_json) == _strip(result.summary())
+
+
+def test_every_command_json_is_the_library_summary(cli, diabetes, halves, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, data = diabetes
+    opts = {"dtype": "float64"}
+    cases = [
+        ("compute", [model, "--data", data, "--dtype", "float64"], lambda: hesscli.compute(model, data, **opts)),
+        ("spectrum", [model, "--data", data, "--dtype", "float64", "--top-k", "3"],
+         lambda: hesscli.spectrum(model, data, top_k=3, **opts)),
+        ("spectrum", [model, "--data", data, "--dtype", "float64", "--top-k", "1", "--per-block"],
+         lambda: hesscli.spectrum(model, data, top_k=1, per_block=True, **opts)),
+        ("trace", [model, "--data", data, "--dtype", "float64", "--matvecs", "30", "--method", "hutchpp"],
+         lambda: hesscli.trace(model, data, matvecs=30, method="hutchpp", **opts)),
+        ("density", [model, "--data", data, "--dtype", "float64", "--runs", "2", "--steps", "10"],
+         lambda: hesscli.density(model, data, runs=2, steps=10, **opts)),
+    ]
+    for i, (command, argv, call) in enumerate(cases):
+        out = tmp_path / f"{command}{i}.npz"
+        r = cli(command, *argv, "-o", out, "--json", "--quiet")
+        assert r.code == 0, r.err
+        result = call()
+        result.save(tmp_path / f"lib{i}.npz")
+        result.out = str(out)  # the summary names the file written
+        _same(r.json, result)
+        loaded = hesscli.load(out)
+        assert type(loaded) is type(result)
+        _same(r.json, loaded)
+
+    # a result file as the source of spectrum, trace and density
+    stored = tmp_path / "compute0.npz"
+    for command, argv, call in (
+        ("spectrum", ["--top-k", "4"], lambda: hesscli.spectrum(str(stored), top_k=4)),
+        ("trace", [], lambda: hesscli.trace(str(stored))),
+        ("density", [], lambda: hesscli.density(str(stored))),
+    ):
+        out = tmp_path / f"{command}-file.npz"
+        r = cli(command, stored, *argv, "-o", out, "--json", "--quiet")
+        assert r.code == 0, r.err
+        result = call()
+        result.out = str(out)
+        _same(r.json, result)
+
+    # inspect writes no file; merge combines compute results on disjoint shards
+    r = cli("inspect", model, "--json", "--quiet")
+    assert r.code == 0, r.err
+    _same(r.json, hesscli.inspect(model))
+    parts = []
+    for j, h in enumerate(halves):
+        parts.append(tmp_path / f"part{j}.npz")
+        hesscli.compute(model, h, **opts).save(parts[-1])
+    r = cli("merge", *parts, "-o", tmp_path / "merged.npz", "--json", "--quiet")
+    assert r.code == 0, r.err
+    merged = hesscli.merge(parts)
+    merged.out = str(tmp_path / "merged.npz")
+    _same(r.json, merged)
+    assert isinstance(hesscli.load(tmp_path / "merged.npz"), MergeResult)
+
+
+def test_typed_results_carry_shapes(diabetes):
+    model, data = diabetes
+    h = hesscli.compute(model, data, dtype="float64")
+    assert isinstance(h, ComputeResult)
+    P = h.summary()["n_params"]
+    assert h.eigenvalues.shape == (P,) and h.hessian.shape == (P, P)
+    assert h.trace == pytest.approx(float(np.trace(h.hessian)), rel=1e-10)
+    s = hesscli.spectrum(model, data, top_k=2, dtype="float64")
+    assert isinstance(s, SpectrumResult) and s.eigenvalues.shape == (2,) and s.converged.all()
+    assert s.lambda_max == pytest.approx(h.eigenvalues[-1], rel=1e-8)
+    t = hesscli.trace(model, data, method="exact", dtype="float64")
+    assert isinstance(t, TraceResult) and t.stderr == 0 and t.trace == pytest.approx(h.trace, rel=1e-9)
+    d = hesscli.density(model, data, runs=2, steps=8, dtype="float64")
+    assert isinstance(d, DensityResult) and d.grid.shape == d.density.shape
+
+
+def test_unknown_option_is_refused(diabetes):
+    model, data = diabetes
+    with pytest.raises(hesscli.UsageError, match="unknown option"):
+        hesscli.spectrum(model, data, top_k=1, temperature=2)
+
+
+def test_in_memory_module_matches_the_cli_and_is_left_alone(cli, samples, tmp_path):
+    """The notebook example of docs/library.md: an in-memory nn.Module and an (inputs, targets)
+    batch give the numbers the CLI gives on the saved checkpoint; the caller's module, the global
+    flags, the TorchScript executor and the RNG are as they were."""
+    sys.path.insert(0, str(samples))
+    archs = importlib.import_module("archs")
+    model = archs.DiabetesMLP()
+    model.load_state_dict(torch.load(samples / "diabetes_mlp_state_dict.pt"))
+    batch = torch.load(samples / "diabetes.pt")
+    X, y = batch["inputs"], batch["targets"]
+    before = copy.deepcopy(model.state_dict())
+    training = model.training
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    executor = torch._C._get_graph_executor_optimize()
+    rng = torch.get_rng_state()
+
+    r = hesscli.spectrum(model, (X, y), top_k=1, loss="mse")
+
+    assert r.out is None  # nothing written
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert all(p.requires_grad for p in model.parameters()) and model.training == training
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+    assert torch._C._get_graph_executor_optimize() == executor
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    out = tmp_path / "s.npz"
+    c = cli("spectrum", samples / "diabetes_mlp_state_dict.pt", "--arch", ARCH, "--data", samples / "diabetes.pt",
+            "--loss", "mse", "--top-k", "1", "-o", out, "--json", "--quiet")
+    assert c.code == 0, c.err
+    assert c.json["eigenvalues"][0] == pytest.approx(float(r.eigenvalues[0]), rel=1e-6)
+    assert r.meta["model"]["format"] == "module"
+
+
+def test_docs_library_training_loop_runs_and_matches_the_cli(cli, tmp_path, monkeypatch):
+    """docs/library.md's training script, run as written (from the repository root's files), and
+    the CLI on the checkpoint it saves."""
+    from conftest import ROOT
+
+    doc = (ROOT / "docs" / "library.md").read_text()
+    code = doc.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sample_checkpoints").symlink_to(ROOT / "sample_checkpoints")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.modules.pop("archs", None)
+    scope: dict = {"__name__": "__doc__"}
+    exec(compile(code, "docs/library.md", "exec"), scope)
+    log = scope["log"]
+    assert [s for s, _, _ in log] == [10, 20, 30]
+    assert all(res <= 1e-6 * abs(lam) for _, lam, res in log)
+    c = cli("spectrum", "diabetes_mlp_step30.pt", "--arch", ARCH, "--data", "sample_checkpoints/diabetes.pt",
+            "--loss", "mse", "--top-k", "1", "--json", "--quiet", "-o", "s.npz")
+    assert c.code == 0, c.err
+    assert c.json["eigenvalues"][0] == pytest.approx(log[-1][1], rel=1e-6)
