@@ -32,6 +32,7 @@ from hesscli.algorithms import density as density_alg
 from hesscli.algorithms import trace as trace_alg
 from hesscli.algorithms.dense import DenseResult, dense_hessian, plan_dense
 from hesscli.algorithms.lanczos import lanczos, select, stored_eigs
+from hesscli.algorithms.operators import HessianOperator
 from hesscli.errors import HesscliError, UsageError
 from hesscli.io.data import Dataset
 from hesscli.meta import build_meta
@@ -347,9 +348,10 @@ def trace(
     **options: Any,
 ) -> TraceResult:
     """``hesscli trace``: tr H with its standard error — ``method`` exact (P products, or the
-    stored matrix), hutchinson, hutchpp or xtrace with ``matvecs`` products per estimate; auto
-    takes exact when P ≤ ``matvecs`` or the matrix is stored, else Hutch++. ``per_block``: each
-    diagonal block's trace (they add up to tr H).
+    stored matrix), hutchinson, hutchpp or xtrace with ``matvecs`` products; auto takes exact when
+    P ≤ ``matvecs`` or the matrix is stored, else Hutch++. ``per_block``: each diagonal block's
+    trace (they add up to tr H); on a model every block's estimate comes from the same ``matvecs``
+    full products (:func:`~hesscli.algorithms.trace.estimate_block_traces`), xtrace excepted.
 
     Returns a :class:`TraceResult` (units: the loss's per parameter², summed over the diagonal)."""
     t0 = time.perf_counter()
@@ -361,18 +363,32 @@ def trace(
     progress = progress or NullProgress()
     seed = int(options.get("seed", 0)) if src.session is None else src.session.spec.seed
     results = []
-    for i, t in enumerate(src.targets):
-        op = t.operator()
-        if op is None:
-            if t.trace is None:
-                raise HesscliError(f"'{src.path}' stores neither a Hessian nor a trace for '{t.name}'")
-            results.append(trace_alg.TraceResult(t.trace, 0.0, "exact", 0, 0.0))
-            continue
-        results.append(trace_alg.estimate_trace(op, method, matvecs, seed + i, progress))
-    total, stderr = trace_alg.combine(results)
+    shared = src.session is not None and src.per_block and method != "xtrace"
+    notes: list[str] = []
+    if shared:  # every block's trace from one stream of full products (and tr H from the same)
+        full = HessianOperator(src.session.objective)
+        if comm is not None:
+            full.chunk = int(comm.minimum(full.chunk))
+        est = trace_alg.estimate_block_traces(full, src.targets, method, matvecs, seed, progress)
+        results = est.results()
+        total, stderr, products = est.trace, est.stderr, est.matvecs
+        notes.append(f"every block's trace from the same {est.matvecs} products with the whole H "
+                     f"({est.method}; the blocks' errors are correlated, the total's is from the summed samples)")
+    else:
+        for i, t in enumerate(src.targets):
+            op = t.operator()
+            if op is None:
+                if t.trace is None:
+                    raise HesscliError(f"'{src.path}' stores neither a Hessian nor a trace for '{t.name}'")
+                results.append(trace_alg.TraceResult(t.trace, 0.0, "exact", 0, 0.0))
+                continue
+            results.append(trace_alg.estimate_trace(op, method, matvecs, seed + i, progress))
+        total, stderr = trace_alg.combine(results)
+        products = sum(r.matvecs for r in results)
+        if src.session is not None and src.per_block:
+            notes.append("xtrace has no shared-product form: each block was estimated from its own products")
     chosen = sorted({r.method for r in results})
-    arrays: dict = {"trace": np.float64(total), "trace_stderr": np.float64(stderr),
-                    "matvecs": np.int64(sum(r.matvecs for r in results))}
+    arrays: dict = {"trace": np.float64(total), "trace_stderr": np.float64(stderr), "matvecs": np.int64(products)}
     multi = len(src.targets) > 1 or src.per_block
     targets = []
     for t, r in zip(src.targets, results, strict=True):
@@ -387,7 +403,8 @@ def trace(
     meta = _finish_meta(
         src, t0, method=chosen[0] if len(chosen) == 1 else chosen, method_requested=method,
         matvecs=int(arrays["matvecs"]), matvecs_per_estimate=matvecs, trace=total,
-        seeds=[seed + i for i in range(len(src.targets))], trace_stderr=stderr, targets=targets,
+        seeds=[seed] if shared else [seed + i for i in range(len(src.targets))], trace_stderr=stderr,
+        shared_products=shared, targets=targets, notes=list(src.meta.get("notes") or []) + notes,
     )
     return TraceResult(arrays, meta)
 

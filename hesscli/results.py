@@ -278,7 +278,7 @@ class TraceResult(Result):
         method = meta.get("method")
         s.update(trace=float(a["trace"]), stderr=float(a["trace_stderr"]), trace_stderr=float(a["trace_stderr"]),
                  method=method, method_requested=meta.get("method_requested"), matvecs=int(a["matvecs"]),
-                 blocks=self._targets() if multi else [])
+                 blocks=self._targets() if multi else [], notes=self.notes)
         if meta.get("method_requested") == "auto":
             chosen = method if isinstance(method, list) else [method]
             s["note"] = f"auto chose {', '.join(chosen)}"

@@ -183,3 +183,18 @@ def test_docs_library_training_loop_runs_and_matches_the_cli(cli, tmp_path, monk
             "--loss", "mse", "--top-k", "1", "--json", "--quiet", "-o", "s.npz")
     assert c.code == 0, c.err
     assert c.json["eigenvalues"][0] == pytest.approx(log[-1][1], rel=1e-6)
+
+
+def test_trace_per_block_shares_its_products(diabetes):
+    """trace --per-block on a model: every block's trace from the same --matvecs full products,
+    each within 3 standard errors of the dense block's trace."""
+    model, data = diabetes
+    h = hesscli.compute(model, data, dtype="float64", mode="block")
+    t = hesscli.trace(model, data, dtype="float64", per_block=True, method="hutchinson", matvecs=60)
+    assert t.matvecs == 60 and t.meta["shared_products"]
+    blocks = {b["name"]: b for b in t.summary()["blocks"]}
+    assert set(blocks) == set(h.arrays["block_names"])
+    for name, b in blocks.items():
+        exact = float(h.block(name)["trace"])
+        assert abs(b["trace"] - exact) <= 3 * b["stderr"] + 1e-9 * abs(exact), name
+    assert abs(t.trace - h.trace) <= 3 * t.stderr

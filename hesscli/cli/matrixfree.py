@@ -85,7 +85,7 @@ def trace(
     source: Annotated[Optional[str], typer.Argument(help=SOURCE_HELP)] = None,
     *,
     method: Annotated[TraceMethod, typer.Option("--method", help="auto, exact, hutchinson, hutchpp or xtrace.")] = TraceMethod.auto,
-    matvecs: Annotated[int, typer.Option("--matvecs", min=1, help="Products per estimate (per block with --per-block).")] = 300,
+    matvecs: Annotated[int, typer.Option("--matvecs", min=1, help="Products (with --per-block on a model: shared by every block; per block for xtrace and result files).")] = 300,
     per_block: Annotated[bool, typer.Option("--per-block", help=PER_BLOCK_HELP)] = False,
     blocks: BlocksOption = Blocks.module,
     spec_kw: dict,
