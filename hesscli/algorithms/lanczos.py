@@ -40,6 +40,8 @@ BASIS_BUDGET = 1 << 30  # bytes of basis vectors (float64) held at once
 
 @dataclass
 class EigResult:
+    """Eigenpairs of a symmetric operator with their measured residuals and the work they took."""
+
     eigenvalues: np.ndarray  # (k,) ascending
     residuals: np.ndarray  # (k,) ‖Hu − λu‖, measured
     converged: np.ndarray  # (k,) bool: residual ≤ tol·norm
@@ -223,6 +225,7 @@ def lanczos(
     seed: int = 0,
     eigenvectors: bool = False,
     progress: Progress | None = None,
+    start: torch.Tensor | None = None,
 ) -> EigResult:
     """The ``k`` wanted eigenpairs of ``op`` (``which``: largest, smallest, both, magnitude).
 
@@ -230,6 +233,13 @@ def lanczos(
     or after ``max_matvecs`` products (default max(1000, 50k)). ``ncv`` caps the basis (default
     :func:`default_ncv`); when n is no larger than the basis would be, H is assembled from n
     products and solved densely instead. The basis is held on the operator's device.
+
+    ``start`` (s, n), optional: the first block's vectors instead of random ones — a warm start,
+    e.g. the Ritz vectors of a nearby operator (the previous checkpoint of a training run). They
+    are orthonormalized (a vector that is zero or depends on the others is replaced by a random
+    one) and, when s is smaller than the block size, completed with random directions from the
+    ``seed`` generator; when s is larger, the block size becomes s. Without ``start`` the first
+    block is ``seed``'s random block, as before.
     """
     if which not in WHICH:
         raise UsageError(f"--which '{which}': choose {', '.join(WHICH)}")
@@ -240,6 +250,12 @@ def lanczos(
     n = op.n
     k = min(k, n)
     b = max(1, min(block_size or default_block_size(k), n))
+    if start is not None:
+        start = start.reshape(-1, n) if start.dim() == 1 else start
+        if start.dim() != 2 or start.shape[1] != n:
+            raise ValueError(f"lanczos: start vectors of shape {tuple(start.shape)}, expected (s, {n})")
+        start = start[: n]
+        b = max(b, start.shape[0])
     m = ncv or default_ncv(n, k, b)
     if isinstance(op, DenseOperator) or n <= m + 2 * b:
         return dense_eigs(op, k, which, tol, eigenvectors, progress)
@@ -253,7 +269,13 @@ def lanczos(
     progress.start(max_mv, f"Lanczos (block {b})")
     gen = torch.Generator().manual_seed(seed)
     dev = op.device
-    X0 = torch.randn(b, n, generator=gen, dtype=torch.float64).to(dev)
+    if start is None:
+        X0 = torch.randn(b, n, generator=gen, dtype=torch.float64).to(dev)
+    else:
+        W = start.to(dev, torch.float64)
+        W = W / torch.linalg.norm(W, dim=1, keepdim=True).clamp_min(1e-300)
+        fill = torch.randn(b - W.shape[0], n, generator=gen, dtype=torch.float64).to(dev)
+        X0 = torch.cat([W, fill])
     buf = torch.empty(m, n, dtype=torch.float64, device=dev)  # the basis, rows 0..rows-1 (never more than m)
     X0, _ = _orth_block(X0, buf[:0], gen, 1.0)
     buf[:b] = X0
