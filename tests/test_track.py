@@ -327,6 +327,7 @@ for name in sys.argv[3:]:
 """
 
 
+@pytest.mark.slow
 def test_follow_picks_up_checkpoints_from_a_writer(cli, tmp_path, small_data):
     watch = tmp_path / "run"
     watch.mkdir()
