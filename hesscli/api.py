@@ -32,8 +32,9 @@ from hesscli.algorithms import density as density_alg
 from hesscli.algorithms import trace as trace_alg
 from hesscli.algorithms.dense import DenseResult, dense_hessian, plan_dense
 from hesscli.algorithms.lanczos import lanczos, select, stored_eigs
+from hesscli.algorithms.mfplan import MatrixFreePlan, plan_matrix_free
 from hesscli.algorithms.operators import HessianOperator
-from hesscli.errors import HesscliError, UsageError
+from hesscli.errors import HesscliError, MemoryBudgetError, UsageError
 from hesscli.io.data import Dataset
 from hesscli.meta import build_meta
 from hesscli.objective.core import Objective
@@ -46,7 +47,7 @@ from hesscli.results import (
     TraceResult,
     load,
 )
-from hesscli.runtime.memory import default_budget, parse_size
+from hesscli.runtime.memory import default_budget, fmt_bytes, parse_size
 from hesscli.runtime.progress import NullProgress, Progress
 from hesscli.session import ModelSpec, Session, open_session, stage
 from hesscli.sources import Source, is_result_file, model_source, result_source
@@ -103,8 +104,39 @@ def session_for(model: ModelLike, data: DataLike = None, comm=None, split: str =
     return open_session(spec, comm, split, dataset=ds)
 
 
-def _source(source, data: DataLike, per_block: bool, blocks: str, command: str, comm, options: dict) -> Source:
-    """A result file (no data), or a model on its data, as the operators to answer for."""
+def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size: int | None = None,
+          ncv: int | None = None, float64_only: str | None = None) -> MatrixFreePlan:
+    """The memory plan of a matrix-free command on an open model, before any product: one data
+    piece's gradient graph is measured (a forward and backward pass), the solver's vectors are
+    sized to ``max_memory``, and whatever is left decides whether every piece's graph is kept
+    between products or rebuilt for each. ``float64_only``: the algorithm keeps float64 vectors
+    only; the reason is the refusal's advice when they do not fit."""
+    obj = session.objective
+    with stage(comm):
+        budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
+        budget = int(budget) if budget is not None else default_budget(obj.device)
+    if comm is not None:
+        budget = int(comm.minimum(budget))
+    with stage(comm):
+        graph = obj.measure_linearization()
+        itemsize = torch.empty((), dtype=obj.dtype).element_size()
+        plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, 1, what)
+        if float64_only and plan.basis_dtype != "float64":
+            need = plan.total - plan.bytes["basis"] + plan.ncv * obj.P * 8
+            raise MemoryBudgetError(
+                f"{what} of P = {obj.P:,} parameters keeps {plan.ncv} float64 vectors ({fmt_bytes(plan.ncv * obj.P * 8)}) "
+                f"and needs about {fmt_bytes(need)}, over the budget of {fmt_bytes(budget)} (--max-memory); {float64_only}"
+            )
+        graphs = obj.plan_graphs(max(budget - (plan.total - plan.bytes["graphs"]), 0))
+        if graphs["graph_policy"] == "kept" and obj.n_pieces() > 1:
+            plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, obj.n_pieces(), what)
+    return plan
+
+
+def _source(source, data: DataLike, per_block: bool, blocks: str, command: str, comm, options: dict,
+            planner=None) -> Source:
+    """A result file (no data), or a model on its data, as the operators to answer for; on a model,
+    ``planner(session)`` makes the memory plan before the symmetry probe's products."""
     if source is None:
         if data is not None:
             raise UsageError("--data without SOURCE is ambiguous: name the model file (or a result file without --data)")
@@ -122,7 +154,8 @@ def _source(source, data: DataLike, per_block: bool, blocks: str, command: str, 
         if data is None or (isinstance(data, (list, tuple)) and not data):
             raise UsageError(f"'{source}' is a model file: pass --data FILE (or give a result file from compute)")
     session = session_for(source, data, comm, **options)
-    return model_source(session, per_block, command, blocks, comm)
+    plan = planner(session) if planner is not None else None
+    return model_source(session, per_block, command, blocks, comm, plan)
 
 
 def _finish_meta(src: Source, t0: float, **fields) -> dict:
@@ -237,6 +270,23 @@ def compute(
 # ---------------------------------------------------------------------------------------------
 # spectrum
 
+DEFAULT_TOL = {"float64": 1e-6, "float32": 1e-5}
+
+
+def default_tol(src: Source) -> tuple[float, str]:
+    """The default ``--tol`` and the rule that set it: 1e-6 in float64 (and for a result file);
+    in float32 the larger of 1e-5 and 50× the relative asymmetry the symmetry probe measured — the
+    products' own rounding noise, below which a measured residual cannot go (a default that ends in
+    exit 4 on a well-posed problem would be a bug)."""
+    dtype = str(src.meta.get("dtype") or "float64")
+    if src.session is None or dtype != "float32":
+        return DEFAULT_TOL.get(dtype, 1e-6), f"default for {dtype}"
+    noise = 50 * float(src.meta.get("symmetry_probe") or 0.0)
+    if noise > DEFAULT_TOL["float32"]:
+        return noise, f"float32: 50 x the measured product asymmetry {noise / 50:.1e}"
+    return DEFAULT_TOL["float32"], "default for float32 (above 50 x the measured product asymmetry)"
+
+
 
 def spectrum(
     source: ModelLike | None = None,
@@ -244,19 +294,20 @@ def spectrum(
     *,
     top_k: int = 20,
     which: str = "largest",
-    tol: float = 1e-6,
+    tol: float | None = None,
     max_matvecs: int | None = None,
     block_size: int | None = None,
     per_block: bool = False,
     blocks: str = "module",
     eigenvectors: bool = False,
+    max_memory: str | int | None = None,
     progress: Progress | None = None,
     comm=None,
     **options: Any,
 ) -> SpectrumResult:
     """``hesscli spectrum``: the ``top_k`` extreme eigenpairs of H (``which``: largest, smallest,
     both — half at each end — or magnitude), each with its residual ‖Hv − λv‖₂; converged when
-    ≤ ``tol``·‖H‖₂.
+    ≤ ``tol``·‖H‖₂ (default: :func:`default_tol`, from the dtype and the products' measured noise).
 
     On a model: block Lanczos with thick restarts on Hessian-vector products (after a symmetry
     probe), at most ``max_matvecs`` products per operator. On a ``compute`` result file: its stored
@@ -270,9 +321,16 @@ def spectrum(
         raise UsageError(f"--top-k must be at least 1 (got {top_k})")
     if which not in ("largest", "smallest", "both", "magnitude"):
         raise UsageError(f"--which '{which}': choose largest, smallest, both or magnitude")
-    if not (tol > 0):
+    if tol is not None and not (tol > 0):
         raise UsageError(f"--tol must be positive (got {tol})")
-    src = _source(source, data, per_block, blocks, "spectrum", comm, options)
+    src = _source(source, data, per_block, blocks, "spectrum", comm, options,
+                  lambda s: _plan(s, max_memory, comm, "spectrum", top_k, block_size))
+    tol_rule = "given"
+    if tol is None:
+        tol, tol_rule = default_tol(src)
+    plan = src.plan
+    lanczos_kw = {} if plan is None else {"ncv": plan.ncv, "basis_dtype": getattr(torch, plan.basis_dtype)}
+    block_size = block_size if plan is None else plan.block_size
     progress = progress or NullProgress()
     seed = int(options.get("seed", 0)) if src.session is None else src.session.spec.seed
     results = []
@@ -289,7 +347,7 @@ def spectrum(
                 raise HesscliError(f"'{src.path}' stores no Hessian for '{t.name}' (written with --no-dense): spectrum "
                                    + ("--eigenvectors " if t.eigenvalues is not None else "") + "needs the matrix")
             r = lanczos(op, top_k, which, tol, max_matvecs, block_size, seed=seed, eigenvectors=eigenvectors,
-                        progress=progress)
+                        progress=progress, **lanczos_kw)
         results.append(r)
     multi = len(src.targets) > 1 or src.per_block
     arrays: dict = {}
@@ -326,6 +384,7 @@ def spectrum(
         src, t0, top_k=top_k, which=which, tol=tol, max_matvecs=max_matvecs, block_size=results[0].block_size,
         matvecs=int(arrays["matvecs"]), method=methods[0] if len(methods) == 1 else methods,
         norm_estimate=max(r.norm for r in results), converged=bool(all(r.converged.all() for r in results)),
+        tol_rule=tol_rule,
         targets=targets, notes=list(src.meta.get("notes") or []) + notes,
     )
     return SpectrumResult(arrays, meta)
@@ -343,6 +402,7 @@ def trace(
     matvecs: int = 300,
     per_block: bool = False,
     blocks: str = "module",
+    max_memory: str | int | None = None,
     progress: Progress | None = None,
     comm=None,
     **options: Any,
@@ -359,7 +419,10 @@ def trace(
         raise UsageError(f"--method '{method}': choose auto, exact, hutchinson, hutchpp or xtrace")
     if not (matvecs >= 1):
         raise UsageError(f"--matvecs must be at least 1 (got {matvecs})")
-    src = _source(source, data, per_block, blocks, "trace", comm, options)
+    kept = max(matvecs // 3, 2) if method in ("auto", "hutchpp", "xtrace") else 2  # vectors the estimator holds
+    src = _source(source, data, per_block, blocks, "trace", comm, options,
+                  lambda s: _plan(s, max_memory, comm, "trace", 1, 1, kept,
+                                  float64_only="lower --matvecs, or use --method hutchinson (two vectors)"))
     progress = progress or NullProgress()
     seed = int(options.get("seed", 0)) if src.session is None else src.session.spec.seed
     results = []
@@ -421,6 +484,7 @@ def density(
     steps: int = 80,
     per_block: bool = False,
     blocks: str = "module",
+    max_memory: str | int | None = None,
     progress: Progress | None = None,
     comm=None,
     **options: Any,
@@ -434,7 +498,10 @@ def density(
     t0 = time.perf_counter()
     if runs < 1 or steps < 2:
         raise UsageError(f"--runs must be at least 1 and --steps at least 2 (got {runs}, {steps})")
-    src = _source(source, data, per_block, blocks, "density", comm, options)
+    src = _source(source, data, per_block, blocks, "density", comm, options,
+                  lambda s: _plan(s, max_memory, comm, "density", 1, 1, steps + 1))
+    slq_kw = {} if src.plan is None else {"budget": src.plan.bytes["basis"],
+                                          "basis_dtype": getattr(torch, src.plan.basis_dtype)}
     progress = progress or NullProgress()
     seed = int(options.get("seed", 0)) if src.session is None else src.session.spec.seed
     results = []
@@ -442,7 +509,8 @@ def density(
         op = t.operator() if t.eigenvalues is None else None  # stored eigenvalues: the matrix is not read
         if op is None and t.eigenvalues is None:
             raise HesscliError(f"'{src.path}' stores neither a Hessian nor eigenvalues for '{t.name}'")
-        results.append(density_alg.spectral_density(op, runs, steps, seed + i, progress, eigenvalues=t.eigenvalues))
+        results.append(density_alg.spectral_density(op, runs, steps, seed + i, progress, eigenvalues=t.eigenvalues,
+                                                    **slq_kw))
     slq_used = any(r.method == "slq" for r in results)
     resolution = steps if slq_used else density_alg.DENSE_RESOLUTION
     notes = [] if slq_used else [

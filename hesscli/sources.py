@@ -76,6 +76,7 @@ class Source:
     index: dict = field(default_factory=dict)  # param_names / param_offsets
     seconds: float = 0.0
     session: Session | None = None  # a model source's open model
+    plan: object | None = None  # a model source's memory plan (hesscli.algorithms.mfplan.MatrixFreePlan)
 
     @property
     def approximation(self) -> str | None:
@@ -145,10 +146,12 @@ def result_source(path: str, per_block: bool, command: str, blocks: str = "modul
     return Source("result", str(path), targets, meta, per_block, index, time.perf_counter() - t0)
 
 
-def model_source(session: Session, per_block: bool, command: str, blocks: str = "module", comm=None) -> Source:
+def model_source(session: Session, per_block: bool, command: str, blocks: str = "module", comm=None,
+                 plan=None) -> Source:
     """An open model as a source: probe the symmetry of its products (one-line
     :class:`HesscliError` when they are not symmetric or not finite), then one Hessian operator for
-    the whole H, or per diagonal block with ``per_block``."""
+    the whole H, or per diagonal block with ``per_block``. ``plan``: the memory plan made before
+    (recorded in ``meta.memory_plan``)."""
     t0 = time.perf_counter()
     obj = session.objective
     h0 = obj.hvps
@@ -164,9 +167,10 @@ def model_source(session: Session, per_block: bool, command: str, blocks: str = 
             f"the Hessian-vector products are not symmetric: relative asymmetry {probe:.2e} > {tol:.0e}, largest "
             f"between parameters {where}; some op in the model has a wrong second derivative in torch"
         )
+    extra = {"memory_plan": plan.describe(), **obj.graph_plan} if plan is not None else {}
     meta = build_meta(command, session=session, source={"kind": "model", "path": session.model.path},
                       symmetry_probe=probe, symmetry_probe_at=where, symmetry_probe_hvps=obj.hvps - h0,
-                      mode="matrix-free")
+                      mode="matrix-free", **extra)
     targets = [Target(b.name, b.start, b.stop, HessianOperator(obj, b if per_block else None))
                for b in obj.blocks(blocks if per_block else "all")]
     if comm is not None:  # every rank must cut its products into the same chunks (one collective each)
@@ -174,7 +178,7 @@ def model_source(session: Session, per_block: bool, command: str, blocks: str = 
             t.op.chunk = int(comm.minimum(t.op.chunk))
     index = {"param_names": np.array(obj.names, dtype=str), "param_offsets": np.array(obj.offsets, dtype=np.int64)}
     return Source("model", session.model.path, targets, meta, per_block, index, time.perf_counter() - t0 + session.setup_seconds,
-                  session=session)
+                  session=session, plan=plan)
 
 
 def missing(path: str | Path) -> HesscliError:

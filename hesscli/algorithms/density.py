@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hesscli.algorithms.lanczos import basis_coefficients, basis_combination
 from hesscli.algorithms.operators import DenseOperator, SymOperator
 from hesscli.errors import HesscliError, UsageError
 from hesscli.runtime.progress import NullProgress, Progress
@@ -57,8 +58,12 @@ class DensityResult:
 
 
 def slq(op: SymOperator, runs: int = 10, steps: int = 80, seed: int = 0, progress: Progress | None = None,
-        budget: int = BASIS_BUDGET) -> tuple[np.ndarray, np.ndarray]:
-    """Quadrature nodes and weights, each (runs, steps), of ``runs`` Lanczos runs of ``steps`` steps."""
+        budget: int = BASIS_BUDGET, basis_dtype: torch.dtype = torch.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Quadrature nodes and weights, each (runs, steps), of ``runs`` Lanczos runs of ``steps`` steps.
+
+    Each run keeps its Lanczos basis (steps, n) for full reorthogonalisation, in ``basis_dtype``
+    (float32 where the memory plan cannot hold float64; coefficients accumulate in float64); runs
+    are grouped so that their bases take at most ``budget`` bytes."""
     if runs < 1 or steps < 1:
         raise UsageError(f"--runs and --steps must be at least 1 (got {runs}, {steps})")
     n = op.n
@@ -67,14 +72,15 @@ def slq(op: SymOperator, runs: int = 10, steps: int = 80, seed: int = 0, progres
     gen = torch.Generator().manual_seed(seed)
     nodes = np.full((runs, steps), np.nan)
     weights = np.zeros((runs, steps))
-    group = max(1, min(runs, budget // max(1, (steps + 1) * n * 8)))
+    size = torch.empty((), dtype=basis_dtype).element_size()
+    group = max(1, min(runs, budget // max(1, (steps + 1) * n * size)))
     progress.start(runs * steps, "SLQ")
     try:
         for g0 in range(0, runs, group):
             g = min(group, runs - g0)
             V = (torch.randint(0, 2, (g, n), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1) / math.sqrt(n)
             V = V.to(op.device)
-            Qbuf = torch.empty(steps, g, n, dtype=torch.float64, device=op.device)  # each run's basis
+            Qbuf = torch.empty(steps, g, n, dtype=basis_dtype, device=op.device)  # each run's basis
             Qbuf[0] = V
             alpha = torch.zeros(g, steps, dtype=torch.float64)
             beta = torch.zeros(g, steps, dtype=torch.float64)
@@ -92,7 +98,7 @@ def slq(op: SymOperator, runs: int = 10, steps: int = 80, seed: int = 0, progres
                 Qs = Qbuf[: j + 1]  # (j+1, g, n)
                 for r in range(g):  # full reorthogonalization (twice), each run against its own basis
                     for _ in range(2):
-                        W[r] -= (Qs[:, r] @ W[r]) @ Qs[:, r]
+                        W[r] -= basis_combination(basis_coefficients(Qs[:, r], W[r][None]), Qs[:, r])[0]
                 b = W.norm(dim=1)
                 beta[:, j] = b.cpu()
                 progress.advance(len(act))
@@ -138,11 +144,13 @@ def smooth(nodes: np.ndarray, weights: np.ndarray, sigma: float, grid: np.ndarra
 
 
 def spectral_density(op: SymOperator, runs: int = 10, steps: int = 80, seed: int = 0,
-                     progress: Progress | None = None, eigenvalues: np.ndarray | None = None) -> DensityResult:
+                     progress: Progress | None = None, eigenvalues: np.ndarray | None = None,
+                     budget: int = BASIS_BUDGET, basis_dtype: torch.dtype = torch.float64) -> DensityResult:
     """The smoothed eigenvalue density: exact from ``eigenvalues`` (or a stored matrix), else SLQ.
 
     ``runs`` and ``steps`` are SLQ's: the exact density does not depend on them (σ from
-    ``DENSE_RESOLUTION``, see the module docstring)."""
+    ``DENSE_RESOLUTION``, see the module docstring). ``budget`` and ``basis_dtype``: SLQ's bases
+    (:func:`slq`)."""
     t0 = time.perf_counter()
     mv0 = op.matvecs if op is not None else 0
     if eigenvalues is None and isinstance(op, DenseOperator):
@@ -151,7 +159,7 @@ def spectral_density(op: SymOperator, runs: int = 10, steps: int = 80, seed: int
         ev = np.asarray(eigenvalues, dtype=np.float64)
         nodes, weights, method = ev[None, :], np.full((1, len(ev)), 1.0 / max(len(ev), 1)), "dense"
     else:
-        nodes, weights = slq(op, runs, steps, seed, progress)
+        nodes, weights = slq(op, runs, steps, seed, progress, budget, basis_dtype)
         weights = weights / nodes.shape[0]
         method = "slq"
     lo, hi = float(np.nanmin(nodes)), float(np.nanmax(nodes))

@@ -39,6 +39,8 @@ class Blocks(str, enum.Enum):
     tensor = "tensor"
 
 
+MaxMemory = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="Memory budget, e.g. 4GB (default: half of what the process may use); planned before any product.")]
 BlocksOption = Annotated[Blocks, typer.Option("--blocks", help="Blocks of --per-block: module, layer or tensor.")]
 
 
@@ -55,12 +57,13 @@ def spectrum(
     *,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Number of eigenpairs.")] = 20,
     which: Annotated[Which, typer.Option("--which", help="largest, smallest, both (half each end) or magnitude.")] = Which.largest,
-    tol: Annotated[float, typer.Option("--tol", help="Converged when ‖Hv − λv‖ ≤ tol·‖H‖₂.")] = 1e-6,
+    tol: Annotated[Optional[float], typer.Option("--tol", help="Converged when ‖Hv − λv‖ ≤ tol·‖H‖₂ (default 1e-6 in float64; in float32 max(1e-5, 50 × the products' measured asymmetry)).")] = None,
     max_matvecs: Annotated[Optional[int], typer.Option("--max-matvecs", min=1, help="Budget of products per operator (default max(1000, 50·k)).")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", min=1, help="Vectors per Lanczos block (default min(4, k)); at least the multiplicity you expect.")] = None,
     per_block: Annotated[bool, typer.Option("--per-block", help=PER_BLOCK_HELP)] = False,
     blocks: BlocksOption = Blocks.module,
     eigenvectors: Annotated[bool, typer.Option("--eigenvectors", help="Store the eigenvectors (P, k).")] = False,
+    max_memory: MaxMemory = None,
     spec_kw: dict,
     common: Common,
 ) -> int:
@@ -70,7 +73,8 @@ def spectrum(
     source, data, options = _source_args(source, spec_kw)
     result = api.spectrum(source, data, top_k=top_k, which=Which(which).value, tol=tol, max_matvecs=max_matvecs,
                           block_size=block_size, per_block=per_block, blocks=Blocks(blocks).value,
-                          eigenvectors=eigenvectors, progress=make_progress(con, common.quiet or not writer),
+                          eigenvectors=eigenvectors, max_memory=max_memory,
+                          progress=make_progress(con, common.quiet or not writer),
                           comm=comm, **options)
     if writer:
         result.save(out, common.force)
@@ -88,6 +92,7 @@ def trace(
     matvecs: Annotated[int, typer.Option("--matvecs", min=1, help="Products (with --per-block on a model: shared by every block; per block for xtrace and result files).")] = 300,
     per_block: Annotated[bool, typer.Option("--per-block", help=PER_BLOCK_HELP)] = False,
     blocks: BlocksOption = Blocks.module,
+    max_memory: MaxMemory = None,
     spec_kw: dict,
     common: Common,
 ) -> int:
@@ -96,7 +101,8 @@ def trace(
     con = err_console()
     source, data, options = _source_args(source, spec_kw)
     result = api.trace(source, data, method=TraceMethod(method).value, matvecs=matvecs, per_block=per_block,
-                       blocks=Blocks(blocks).value, progress=make_progress(con, common.quiet or not writer), comm=comm,
+                       blocks=Blocks(blocks).value, max_memory=max_memory,
+                       progress=make_progress(con, common.quiet or not writer), comm=comm,
                        **options)
     if writer:
         result.save(out, common.force)
@@ -115,6 +121,7 @@ def density(
     plot: Annotated[Optional[str], typer.Option("--plot", help="Save a PNG of the density (log scale); needs matplotlib.")] = None,
     per_block: Annotated[bool, typer.Option("--per-block", help=PER_BLOCK_HELP)] = False,
     blocks: BlocksOption = Blocks.module,
+    max_memory: MaxMemory = None,
     spec_kw: dict,
     common: Common,
 ) -> int:
@@ -125,6 +132,7 @@ def density(
     con = err_console()
     source, data, options = _source_args(source, spec_kw)
     result = api.density(source, data, runs=runs, steps=steps, per_block=per_block, blocks=Blocks(blocks).value,
+                         max_memory=max_memory,
                          progress=make_progress(con, common.quiet or not writer), comm=comm, **options)
     if writer:
         if plot:

@@ -1,0 +1,153 @@
+"""The memory plan of a matrix-free command, made before its first Hessian-vector product.
+
+Inputs are measured, not guessed: P (parameters), the products' dtype, and the bytes one data
+piece's gradient graph holds (``Objective.measure_linearization``: one forward and backward, no
+product) and how many of those graphs the objective keeps. From ``--max-memory`` it chooses
+
+- the block size b of block Lanczos (the requested one, else min(4, k), lowered until one
+  batched product fits: a batched double backward holds about b graphs' worth of intermediates);
+- the number m of basis vectors kept and their dtype: float64 when m float64 vectors fit, else
+  float32 storage (the projection T and every coefficient still accumulate in float64);
+- the chunk of probe vectors for the symmetry probe.
+
+A budget that cannot hold the minimum — the graphs, one product of one vector and k + 3 float32
+basis vectors — is a :class:`~hesscli.errors.MemoryBudgetError` (exit 3) that says what would fit,
+raised before any product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from hesscli.errors import MemoryBudgetError
+from hesscli.runtime.memory import fmt_bytes
+
+__all__ = ["MatrixFreePlan", "plan_matrix_free", "WANT_NCV"]
+
+
+def WANT_NCV(k: int, b: int) -> int:  # noqa: N802 - a formula, named as in lanczos.default_ncv
+    """The basis Lanczos wants for k pairs with blocks of b: max(2k + 2b, k + 6b, 128) vectors."""
+    return max(2 * k + 2 * b, k + 6 * b, 128)
+
+
+@dataclass
+class MatrixFreePlan:
+    """What a matrix-free run may hold (bytes) and how it is cut: ``block_size`` vectors per
+    product, ``ncv`` basis vectors of ``basis_dtype``, probe vectors ``probe_chunk`` at a time.
+    ``bytes`` breaks the total down (graphs, product, basis, work); ``notes`` says what the budget
+    changed against the defaults."""
+
+    budget: int
+    n: int
+    itemsize: int
+    graph_bytes: int
+    graphs_kept: int
+    block_size: int
+    ncv: int
+    basis_dtype: str
+    probe_chunk: int
+    bytes: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Bytes the plan expects to hold at its peak."""
+        return int(sum(self.bytes.values()))
+
+    def describe(self) -> dict:
+        """The plan for ``meta.memory_plan`` (JSON-ready)."""
+        d = asdict(self)
+        d["total"] = self.total
+        return d
+
+
+def _product_bytes(b: int, n: int, itemsize: int, graph_bytes: int) -> int:
+    """One batched product of b vectors: inputs and outputs (b·n each) and about b graphs' worth
+    of double-backward intermediates."""
+    return 2 * b * n * itemsize + b * graph_bytes
+
+
+def plan_matrix_free(
+    n: int,
+    itemsize: int,
+    graph_bytes: int,
+    budget: int,
+    k: int = 1,
+    block_size: int | None = None,
+    ncv: int | None = None,
+    graphs_kept: int = 1,
+    what: str = "spectrum",
+) -> MatrixFreePlan:
+    """Plan a matrix-free run on an operator of size ``n`` (P) whose products are of dtype size
+    ``itemsize`` (bytes), each data piece's graph holding ``graph_bytes`` and ``graphs_kept`` of
+    them resident, inside ``budget`` bytes, for ``k`` wanted pairs (trace and density: k = 1).
+
+    ``block_size`` / ``ncv``: the user's choices, kept when they fit (a requested basis that does
+    not fit is an error, not silently shrunk). Raises :class:`MemoryBudgetError` naming the
+    minimum that would fit."""
+    notes: list[str] = []
+    graphs = graph_bytes * max(graphs_kept, 1)
+    fixed = graphs + 2 * n * itemsize  # the graphs, and the parameters' and gradient's copies
+    k = max(1, min(k, n))
+    b = block_size or int(min(4, k))
+    min_basis = (k + 3) * n * 4
+    work = lambda b: 3 * b * n * 8  # noqa: E731 - residual, product and new block, float64
+
+    def need(b: int, m: int, size: int) -> int:
+        return fixed + _product_bytes(b, n, itemsize, graph_bytes) + m * n * size + work(b)
+
+    minimum = need(1, k + 3, 4)
+    if minimum > budget:
+        raise MemoryBudgetError(
+            f"{what} of P = {n:,} parameters needs at least {fmt_bytes(minimum)} (the gradient graph "
+            f"{fmt_bytes(graphs)}, one Hessian-vector product {fmt_bytes(_product_bytes(1, n, itemsize, graph_bytes))}, "
+            f"{k + 3} float32 basis vectors {fmt_bytes(min_basis)}), over the budget of {fmt_bytes(budget)} "
+            f"(--max-memory); raise --max-memory to {fmt_bytes(minimum)} or more, or lower --batch-size "
+            "(a smaller graph) or --params"
+        )
+    if block_size is None:
+        while b > 1 and need(b, k + 3 * b, 4) > budget:
+            b -= 1
+        if b < min(4, k):
+            notes.append(f"block size {b} (default {min(4, k)}): a larger block's product does not fit")
+    elif need(b, k + 3 * b, 4) > budget:
+        raise MemoryBudgetError(
+            f"--block-size {b} needs {fmt_bytes(need(b, k + 3 * b, 4))} with the smallest basis, over the budget of "
+            f"{fmt_bytes(budget)} (--max-memory); a block of 1 needs {fmt_bytes(minimum)}"
+        )
+    free = budget - fixed - _product_bytes(b, n, itemsize, graph_bytes) - work(b)
+    want = ncv if ncv is not None else WANT_NCV(k, b)
+    want = min(want, n)
+    if want * n * 8 <= free:
+        m, dtype = want, "float64"
+    elif ncv is not None:
+        if want * n * 4 > free:
+            raise MemoryBudgetError(
+                f"--ncv {ncv} basis vectors need {fmt_bytes(want * n * 4)} in float32, more than the "
+                f"{fmt_bytes(max(free, 0))} the budget leaves; at most {max(free // (4 * n), 0)} fit"
+            )
+        m, dtype = want, "float32"
+        notes.append(f"basis of {m} vectors stored in float32 (float64 does not fit the budget)")
+    else:
+        m64, m32 = free // (8 * n), free // (4 * n)
+        enough = min(want, max(2 * k + 2 * b, k + 6 * b, 32))  # a float64 basis this large restarts little
+        if m64 < enough and m32 > m64:
+            m, dtype = int(min(want, m32)), "float32"
+            notes.append(f"basis of {m} vectors stored in float32 (only {m64} fit in float64); coefficients "
+                         "and reorthogonalisation accumulate in float64")
+        else:
+            m, dtype = int(min(want, m64)), "float64"
+        m = max(m, k + 3 * b)
+        if m < want:
+            notes.append(f"basis of {m} vectors (default {want}): the budget holds no more; expect more restarts")
+    size = 8 if dtype == "float64" else 4
+    probe_chunk = int(max(1, min(32, free // max(1, 2 * n * 8))))
+    parts = {
+        "graphs": int(graphs),
+        "parameters_and_gradient": int(2 * n * itemsize),
+        "product": int(_product_bytes(b, n, itemsize, graph_bytes)),
+        "basis": int(m * n * size),
+        "work": int(work(b)),
+    }
+    return MatrixFreePlan(int(budget), int(n), int(itemsize), int(graph_bytes), int(graphs_kept), int(b), int(m),
+                          dtype, probe_chunk, parts, notes)

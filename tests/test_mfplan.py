@@ -1,0 +1,99 @@
+"""Issue 12: the memory plan of the matrix-free commands, made before any product — block size,
+basis size and dtype from --max-memory and the measured gradient graph; exit 3 with what would fit;
+a float32 basis that gives the float64 basis's answers; a default --tol reachable in float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hesscli
+from hesscli.algorithms.lanczos import lanczos
+from hesscli.algorithms.mfplan import plan_matrix_free
+from hesscli.algorithms.operators import SymOperator
+from hesscli.errors import MemoryBudgetError
+from hesscli.objective.core import Objective
+
+
+class Diagonal(SymOperator):
+    """Q diag(d) Qᵀ for a random orthogonal Q given by a Householder reflection (products cost O(n))."""
+
+    def __init__(self, d: np.ndarray, seed: int = 0):
+        super().__init__()
+        self.d = torch.as_tensor(d, dtype=torch.float64)
+        self.n = len(d)
+        w = torch.randn(self.n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        self.w = w / w.norm()
+        self.device = torch.device("cpu")
+        self.dtype = torch.float64
+        self.chunk = 64
+
+    def _reflect(self, V):
+        return V - 2 * (V @ self.w)[:, None] * self.w[None, :]
+
+    def _apply(self, V):
+        return self._reflect(self._reflect(V) * self.d[None, :])
+
+
+def test_plan_chooses_what_fits():
+    n, item, graph = 1_000_000, 4, 50_000_000
+    big = plan_matrix_free(n, item, graph, 20 << 30, k=5)
+    assert big.basis_dtype == "float64" and big.ncv == 128 and big.block_size == 4 and big.total <= 20 << 30
+    mid = plan_matrix_free(n, item, graph, 400_000_000, k=5)
+    assert mid.basis_dtype == "float32" and mid.total <= 400_000_000 and mid.ncv >= 5 + 3 * mid.block_size
+    assert any("float32" in s for s in mid.notes)
+    with pytest.raises(MemoryBudgetError, match=r"raise --max-memory to [0-9.]+ MB"):
+        plan_matrix_free(n, item, graph, 60_000_000, k=5)
+    tight = plan_matrix_free(n, item, graph, 300_000_000, k=5)  # a block of 4 does not fit: smaller blocks
+    assert tight.block_size < 4 and tight.total <= 300_000_000
+
+
+def test_float32_basis_gives_the_float64_answers():
+    rng = np.random.default_rng(0)
+    d = np.concatenate([[50.0, 49.9, 49.9, 30.0, 12.0], rng.uniform(-1, 5, 3000)])
+    want = np.sort(d)[-5:]
+    r64 = lanczos(Diagonal(d), 5, tol=1e-8, ncv=40)
+    op32 = Diagonal(d)
+    r32 = lanczos(op32, 5, tol=1e-6, ncv=40, basis_dtype=torch.float32)
+    assert r64.converged.all() and r32.converged.all()
+    np.testing.assert_allclose(r64.eigenvalues, want, rtol=1e-10)
+    np.testing.assert_allclose(r32.eigenvalues, want, rtol=1e-6)
+    assert any("float32" in s for s in r32.notes)
+
+
+def test_budget_too_small_is_exit_3_before_any_product(samples, monkeypatch, cli, tmp_path):
+    def no_products(self, *a, **k):
+        raise AssertionError("a product was computed before the plan refused")
+
+    monkeypatch.setattr(Objective, "products", no_products)
+    model, data = samples / "digits_cnn.pt", samples / "digits_images.pt"
+    for call in (lambda: hesscli.spectrum(str(model), str(data), top_k=3, max_memory="3MB"),
+                 lambda: hesscli.trace(str(model), str(data), max_memory="3MB"),
+                 lambda: hesscli.density(str(model), str(data), max_memory="3MB")):
+        with pytest.raises(MemoryBudgetError, match="raise --max-memory to"):
+            call()
+    out = tmp_path / "s.npz"
+    r = cli("spectrum", model, "--data", data, "--max-memory", "3MB", "-o", out)
+    assert r.code == 3 and r.err.count("\n") == 1 and "--max-memory" in r.err and not out.exists()
+
+
+def test_a_budget_that_forces_a_float32_basis_still_answers(samples):
+    model, data = str(samples / "digits_mlp.pt"), str(samples / "digits.pt")
+    ref = hesscli.compute(model, data, dtype="float64").eigenvalues[-5:]
+    # the product graph of the digits MLP is ~ a few MB; leave room for ~20 float32 vectors only
+    probe = hesscli.spectrum(model, data, top_k=5, tol=1e-5)
+    plan = probe.meta["memory_plan"]
+    fixed = plan["total"] - plan["bytes"]["basis"]
+    r = hesscli.spectrum(model, data, top_k=5, tol=1e-5, max_memory=fixed + 20 * plan["n"] * 4)
+    assert r.meta["memory_plan"]["basis_dtype"] == "float32"
+    assert r.converged.all()
+    np.testing.assert_allclose(np.sort(r.eigenvalues), ref, rtol=0, atol=1e-5 * ref[-1] * 3)
+
+
+def test_default_tol_is_reachable_in_float32(samples):
+    """digits_cnn in float32 with the default --tol used to end in exit 4: the products' own
+    rounding is above 1e-6·‖H‖₂."""
+    r = hesscli.spectrum(str(samples / "digits_cnn.pt"), str(samples / "digits_images.pt"), top_k=3)
+    assert r.exit_code == 0 and r.converged.all()
+    assert r.meta["tol"] >= 1e-5 and "float32" in r.meta["tol_rule"]
