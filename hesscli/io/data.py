@@ -2,6 +2,12 @@
 
 Several shards count as one data set; :meth:`Dataset.pieces` walks it in micro-batches of at most
 ``batch_size`` samples, one shard in memory at a time (SPEC.md, Data shards).
+
+Shards are read lazily: :func:`load_dataset` opens each once to check it (keys, lengths, NaN) and
+describe it, and keeps its tensors only while the shards kept so far fit :data:`CACHE_BYTES`; the
+others are read again, one at a time, on each pass. Peak data memory is then about the cache budget
+plus one shard, whatever the number of shards. The first shards that fit stay (no eviction): a
+pass over the shards in order would make a least-recently-used cache miss every time.
 """
 
 from __future__ import annotations
@@ -27,11 +33,57 @@ from hesscli.io.loading import (
     zip_kind,
 )
 
-__all__ = ["Shard", "Dataset", "load_dataset", "take", "KEY_PAIRS"]
+__all__ = ["Shard", "Dataset", "ShardCache", "load_dataset", "take", "KEY_PAIRS", "CACHE_BYTES"]
 
 KEY_PAIRS = (("inputs", "targets"), ("x", "y"), ("input", "target"), ("input_ids", "labels"))
 
-_CACHE_BYTES = 256 << 20  # shards smaller than this in total stay in memory between passes
+CACHE_BYTES = 256 << 20
+"""Bytes of shard tensors kept in memory between passes (read when a shard is loaded, so a test or
+a memory plan may lower it)."""
+
+
+def _nbytes(x, y: torch.Tensor) -> int:
+    xs = x.values() if isinstance(x, dict) else [x]
+    return sum(t.numel() * t.element_size() for t in [*xs, y])
+
+
+class ShardCache:
+    """The shards kept in memory between passes: those read first while their total fits
+    :data:`CACHE_BYTES` (or ``budget``), and every in-memory shard (:meth:`Dataset.from_tensors`),
+    which is the caller's data and costs nothing more. Shared by a data set and its
+    :meth:`Dataset.split` parts."""
+
+    def __init__(self, budget: int | None = None):
+        self.budget = budget
+        self.entries: dict[str, tuple] = {}
+        self.pinned: set[str] = set()
+        self.nbytes = 0
+
+    def get(self, path: str):
+        """The cached (inputs, targets) of a shard, or None."""
+        return self.entries.get(path)
+
+    def offer(self, path: str, value: tuple) -> bool:
+        """Keep ``value`` if it fits the budget; True when the shard is (now) cached."""
+        if path in self.entries:
+            return True
+        size = _nbytes(*value)
+        budget = CACHE_BYTES if self.budget is None else self.budget
+        if self.nbytes + size > budget:
+            return False
+        self.entries[path] = value
+        self.nbytes += size
+        return True
+
+    def pin(self, path: str, value: tuple) -> None:
+        """Keep ``value`` whatever its size (in-memory data: it cannot be read again)."""
+        self.entries[path] = value
+        self.pinned.add(path)
+
+    def clear(self) -> None:
+        """Drop every shard that can be read again (in-memory shards stay)."""
+        self.entries = {k: v for k, v in self.entries.items() if k in self.pinned}
+        self.nbytes = 0
 
 
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
@@ -137,6 +189,9 @@ def pick_keys(
 
 @dataclass
 class Shard:
+    """One data file (or an in-memory batch): its path, checksum, sample count, the keys of its
+    inputs and targets, further keyword inputs, and the sample range this data set uses of it."""
+
     path: str
     sha256: str
     n_samples: int
@@ -148,6 +203,7 @@ class Shard:
 
     @property
     def size(self) -> int:
+        """The number of samples of this shard in the data set (its range)."""
         stop = self.n_samples if self.stop is None else self.stop
         return max(0, stop - self.start)
 
@@ -159,37 +215,50 @@ class Dataset:
     shards: list[Shard]
     input_key: str | None = None
     target_key: str | None = None
-    _cache: dict = field(default_factory=dict, repr=False)
-    _cache_ok: bool = True
+    _cache: ShardCache = field(default_factory=ShardCache, repr=False)
     derive_labels: bool = False  # a causal LM: labels from input_ids where the shard has none
     notes: list[str] = field(default_factory=list)
 
     @property
     def n_samples(self) -> int:
+        """The number of samples in all shards (their ranges)."""
         return sum(s.size for s in self.shards)
 
-    def _load(self, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
-        if shard.path in self._cache:
-            return self._cache[shard.path]
+    def _load(self, shard: Shard) -> tuple[tuple, bool]:
+        """((inputs, targets) of the whole file, whether the cache keeps them)."""
+        hit = self._cache.get(shard.path)
+        if hit is not None:
+            return hit, True
         content = read_tensors(Path(shard.path))
         x, y, _, _ = pick_keys(content, Path(shard.path), self.input_key, self.target_key, self.derive_labels)
-        x = _with_keywords(x, content, shard.input_key, shard.extra)
-        if self._cache_ok:
-            self._cache[shard.path] = (x, y)
-        return x, y
+        value = (_with_keywords(x, content, shard.input_key, shard.extra), y)
+        del content, x, y
+        return value, self._cache.offer(shard.path, value)
 
     def pieces(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(inputs, targets) micro-batches of at most ``batch_size`` samples, shard by shard."""
+        """(inputs, targets) micro-batches of at most ``batch_size`` samples, shard by shard.
+
+        One shard is in memory at a time beyond the cached ones: a shard the cache does not keep is
+        released before the next is read, and when it is cut into several pieces each piece is a
+        copy, so a piece still held by the caller (or by a gradient graph) does not keep the whole
+        shard alive."""
         for shard in self.shards:
             if shard.size == 0:
                 continue
-            x, y = self._load(shard)
+            value, cached = self._load(shard)
             stop = shard.n_samples if shard.stop is None else shard.stop
             step = batch_size or (stop - shard.start)
+            whole = shard.start == 0 and stop == shard.n_samples and step >= stop
+            copy = not cached and not whole
             for s in range(shard.start, stop, step):
                 e = min(s + step, stop)
                 self.current = (shard.path, s, e)
-                yield take(x, s, e), y[s:e]
+                x, y = take(value[0], s, e), value[1][s:e]
+                if copy:
+                    x, y = _clone(x), y.clone()
+                yield x, y
+                del x, y
+            del value
 
     def where(self) -> str:
         """Where the piece being processed comes from, for error messages."""
@@ -207,9 +276,10 @@ class Dataset:
                 break
         for shard in self.shards:
             if shard.size:
-                x, y = self._load(shard)
+                (x, y), cached = self._load(shard)
                 e = min(shard.start + n, shard.stop or shard.n_samples)
-                return take(x, shard.start, e), y[shard.start : e]
+                x, y = take(x, shard.start, e), y[shard.start : e]
+                return (x, y) if cached else (_clone(x), y.clone())
         return None
 
     def split(self, rank: int, world: int) -> Dataset:
@@ -228,7 +298,7 @@ class Dataset:
                 if a < b:
                     mine.append(replace(s, start=s.start + a - off, stop=s.start + b - off))
                 off += s.size
-        return Dataset(mine, self.input_key, self.target_key, self._cache, self._cache_ok, self.derive_labels, self.notes)
+        return Dataset(mine, self.input_key, self.target_key, self._cache, self.derive_labels, self.notes)
 
     @classmethod
     def from_tensors(cls, inputs, targets: torch.Tensor, name: str = "memory") -> Dataset:
@@ -254,10 +324,11 @@ class Dataset:
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         path = f"<{name}>"
         ds = cls([Shard(path, h.hexdigest(), int(x.shape[0]), ik, "targets", extra)])
-        ds._cache[path] = (_with_keywords(x, dict(inputs) if isinstance(inputs, dict) else {}, ik, extra), targets)
+        ds._cache.pin(path, (_with_keywords(x, dict(inputs) if isinstance(inputs, dict) else {}, ik, extra), targets))
         return ds
 
     def describe(self) -> list[dict]:
+        """Path, sha256 and sample count of each shard (``meta.data``)."""
         return [{"path": s.path, "sha256": s.sha256, "n_samples": s.size} for s in self.shards]
 
 
@@ -266,6 +337,13 @@ def take(x, s: int, e: int):
     if isinstance(x, dict):
         return {k: v[s:e] for k, v in x.items()}
     return x[s:e]
+
+
+def _clone(x):
+    """A copy of inputs that are a tensor or a dict of tensors, sharing no storage with the shard."""
+    if isinstance(x, dict):
+        return {k: v.clone() for k, v in x.items()}
+    return x.clone()
 
 
 def _with_keywords(x: torch.Tensor, content, input_key: str, extra: tuple[str, ...]):
@@ -281,8 +359,10 @@ def load_dataset(
     accepts: set[str] | None = None,
     derive_labels: bool = False,
 ) -> Dataset:
-    """Open every shard once, check its keys and lengths, and describe it (the tensors stay cached
-    when the files are small).
+    """Open every shard once, check its keys, lengths and values, and describe it. The tensors of a
+    shard stay in memory only while the shards kept so far fit :data:`CACHE_BYTES`; every other
+    shard is released before the next is read, and read again when a pass needs it, so loading and
+    each pass hold about one shard beyond the cache (module docstring).
 
     ``accepts``: the argument names of the model's ``forward``; keys of a shard beyond the
     input/target pair that it names are passed by name (keyword inputs: ``attention_mask``,
@@ -291,46 +371,50 @@ def load_dataset(
     if not paths:
         raise UsageError("no data: pass --data FILE (one or more)")
     shards = []
-    total_bytes = 0
     ds = Dataset([], input_key, target_key, derive_labels=derive_labels)
     for raw in paths:
         p = Path(raw)
-        content = read_tensors(p)
-        x, y, ik, tk = pick_keys(content, p, input_key, target_key, derive_labels)
-        for name, t in (("inputs", x), ("targets", y)):
-            if t.dim() == 0:
-                raise HesscliError(f"data file '{p}': {name} '{ik if name == 'inputs' else tk}' is a scalar; the first dimension must index samples")
-        if x.shape[0] != y.shape[0]:
-            raise HesscliError(
-                f"data file '{p}': inputs '{ik}' have {x.shape[0]} samples {tuple(x.shape)} but targets "
-                f"'{tk}' have {y.shape[0]} {tuple(y.shape)}"
-            )
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0, 0]) if x.dim() > 1 else int((~torch.isfinite(x)).nonzero()[0, 0])
-            raise HesscliError(f"data file '{p}': inputs '{ik}' contain NaN or Inf (first at sample {bad})")
-        if y.is_floating_point() and not torch.isfinite(y).all():
-            raise HesscliError(f"data file '{p}': targets '{tk}' contain NaN or Inf")
-        extra: tuple[str, ...] = ()
-        if accepts and isinstance(content, dict):
-            extra = tuple(k for k in content if k not in (ik, tk) and k in accepts)
-            for k in extra:
-                t = content[k]
-                if t.dim() == 0 or t.shape[0] != x.shape[0]:
-                    raise HesscliError(
-                        f"data file '{p}': '{k}' {tuple(t.shape)} does not have the {x.shape[0]} samples of '{ik}' {tuple(x.shape)}"
-                    )
-            mask = content.get("attention_mask") if "attention_mask" in extra else None
-            if mask is not None and mask.dim() == 2 and "position_ids" not in extra and bool(((mask[:, 0] == 0) & (mask[:, -1] != 0)).any()):
-                ds.notes.append(
-                    f"data file '{p}' is left-padded and has no position_ids: the positions of its tokens depend on the padding"
-                )
-        total_bytes += x.numel() * x.element_size() + y.numel() * y.element_size()
-        shards.append(Shard(str(p), file_sha256(p), int(x.shape[0]), ik, tk, extra))
-        ds._cache[str(p)] = (_with_keywords(x, content, ik, extra), y)
+        shard, value = _open_shard(p, input_key, target_key, accepts, derive_labels, ds.notes)
+        shards.append(shard)
+        ds._cache.offer(str(p), value)
+        del value  # released here unless the cache kept it: one shard at a time
     if sum(s.n_samples for s in shards) == 0:
         raise HesscliError("the data holds no samples: " + ", ".join(str(p) for p in paths))
     ds.shards = shards
-    if total_bytes > _CACHE_BYTES:
-        ds._cache.clear()
-        ds._cache_ok = False
     return ds
+
+
+def _open_shard(
+    p: Path, input_key: str | None, target_key: str | None, accepts: set[str] | None, derive_labels: bool, notes: list[str]
+) -> tuple[Shard, tuple]:
+    """Read one data file, check it, and describe it: (its :class:`Shard`, (inputs, targets))."""
+    content = read_tensors(p)
+    x, y, ik, tk = pick_keys(content, p, input_key, target_key, derive_labels)
+    for name, t in (("inputs", x), ("targets", y)):
+        if t.dim() == 0:
+            raise HesscliError(f"data file '{p}': {name} '{ik if name == 'inputs' else tk}' is a scalar; the first dimension must index samples")
+    if x.shape[0] != y.shape[0]:
+        raise HesscliError(
+            f"data file '{p}': inputs '{ik}' have {x.shape[0]} samples {tuple(x.shape)} but targets "
+            f"'{tk}' have {y.shape[0]} {tuple(y.shape)}"
+        )
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0, 0]) if x.dim() > 1 else int((~torch.isfinite(x)).nonzero()[0, 0])
+        raise HesscliError(f"data file '{p}': inputs '{ik}' contain NaN or Inf (first at sample {bad})")
+    if y.is_floating_point() and not torch.isfinite(y).all():
+        raise HesscliError(f"data file '{p}': targets '{tk}' contain NaN or Inf")
+    extra: tuple[str, ...] = ()
+    if accepts and isinstance(content, dict):
+        extra = tuple(k for k in content if k not in (ik, tk) and k in accepts)
+        for k in extra:
+            t = content[k]
+            if t.dim() == 0 or t.shape[0] != x.shape[0]:
+                raise HesscliError(
+                    f"data file '{p}': '{k}' {tuple(t.shape)} does not have the {x.shape[0]} samples of '{ik}' {tuple(x.shape)}"
+                )
+        mask = content.get("attention_mask") if "attention_mask" in extra else None
+        if mask is not None and mask.dim() == 2 and "position_ids" not in extra and bool(((mask[:, 0] == 0) & (mask[:, -1] != 0)).any()):
+            notes.append(
+                f"data file '{p}' is left-padded and has no position_ids: the positions of its tokens depend on the padding"
+            )
+    return Shard(str(p), file_sha256(p), int(x.shape[0]), ik, tk, extra), (_with_keywords(x, content, ik, extra), y)

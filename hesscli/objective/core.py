@@ -24,6 +24,17 @@ copy) is refused by name instead of becoming a silent zero row.
 When the model is an affine chain (an MLP; :mod:`hesscli.objective.chain`) and ``engine`` allows it, a piece's
 linearisation is instead the chain's primal quantities, whose products are the same H·v in closed
 form, checked against autograd's on the first samples before they are used.
+
+**Gradient graphs and memory** (:meth:`Objective.plan_graphs`). A piece's linearisation (its
+gradient graph, or the chain's quantities) is what a product needs. With one piece it is built once
+and kept. With several, the products keep every piece's graph only when all of them fit the graph
+budget (``cache_bytes``, :meth:`Objective.plan_graphs`; default
+:func:`hesscli.runtime.memory.default_budget`), measured as the bytes each graph holds: then
+``graph_policy`` is ``"kept"`` and, from the second call of :meth:`Objective.products` on, no forward
+pass is repeated. Otherwise it is ``"recomputed"``: every product re-runs the forward and backward
+pass of each piece, one graph alive at a time, and a note says so. A single call of
+:meth:`products` (a symmetry probe) and :meth:`linearizations` (the dense Hessian's one pass) never
+hold more than one graph.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from hesscli.objective.outputs import model_loss, prediction
 from hesscli.objective.safeops import float64_everywhere, second_order_safe
 from hesscli.objective.ties import tied_parameters, unique_parameters
 from hesscli.runtime.devices import no_tf32, resolve_device, resolve_dtype
+from hesscli.runtime.memory import default_budget, fmt_bytes
 
 __all__ = ["Objective", "Linearization", "ParamBlock", "ENGINES", "param_blocks", "asymmetry_tolerance"]
 
@@ -70,6 +82,7 @@ class ParamBlock:
 
     @property
     def size(self) -> int:
+        """The number of parameters in the block."""
         return self.stop - self.start
 
 
@@ -87,6 +100,7 @@ class Linearization:
         self.leaves = leaves
         self.shared = shared if shared is not None else {}  # the objective's: {"batched": False} once batching failed
         self.grads = [g.to_dense() if g is not None and g.is_sparse else g for g in grads]
+        self.nbytes = 0  # bytes its graph holds (saved tensors), set by the objective that built it
 
     def apply(
         self,
@@ -277,8 +291,10 @@ class Objective:
         self.loss: Loss | None = None
         self._piece_counts: list[float] = []
         self._cache: list[Linearization] | None = None
-        self._cache_bytes = cache_bytes
-        self.linearization_bytes = 0
+        self._cache_bytes = cache_bytes  # the graph budget (None: default_budget of the device)
+        self.linearization_bytes = 0  # the largest gradient graph measured (bytes)
+        self._product_passes = 0  # complete passes of products() over the data
+        self._policy_noted = False
         self.derivative_check: dict = {}
         self._lin_state: dict = {}
         self._loss_form: str | None = None
@@ -683,29 +699,51 @@ class Objective:
                 seen[st.data_ptr()] = st.nbytes()
             except (RuntimeError, NotImplementedError):  # e.g. a tensor without storage
                 pass
-            return t
+            # detached: a saved output packed as itself would hold its own grad_fn, a reference cycle
+            # through C++ that Python's collector cannot see, and every graph would stay alive (about
+            # one graph per piece and product leaked); autograd restores the grad_fn on unpacking
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.evaluating(), torch.enable_grad():
             total, _ = self.piece_total(x, y)
             if not total.requires_grad:
                 return Linearization(self.theta, [None] * len(self.theta), self._lin_state)
             grads = torch.autograd.grad(total, self.theta, create_graph=True, allow_unused=True)
-        self.linearization_bytes = max(self.linearization_bytes, sum(seen.values()))
-        return Linearization(self.theta, list(grads), self._lin_state)
+        lin = Linearization(self.theta, list(grads), self._lin_state)
+        for g in lin.grads:  # the gradient itself (P numbers per piece) belongs to the graph too
+            if g is not None:
+                seen[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
+        for p in self._plain:  # the parameters are saved by reference: they are no cost of the graph
+            seen.pop(p.untyped_storage().data_ptr(), None)
+        lin.nbytes = sum(seen.values())
+        self.linearization_bytes = max(self.linearization_bytes, lin.nbytes)
+        return lin
 
     def linearizations(self) -> Iterator[Linearization]:
-        """One :class:`Linearization` per piece (cached when they all fit the cache budget)."""
+        """One :class:`Linearization` per piece, for one pass (the dense Hessian's): the kept ones
+        when :attr:`graph_policy` has kept them, else built piece by piece, one alive at a time."""
+        return self._pieces(keep=False)
+
+    def _pieces(self, keep: bool) -> Iterator[Linearization]:
+        """The pieces' linearisations; with ``keep`` (and graphs that fit the budget), kept for the
+        next passes, a pass that outgrows the budget falling back to one graph at a time."""
         if self._cache is not None:
             yield from self._cache
             return
-        keep: list[Linearization] | None = [] if self._cache_wanted() else None
+        kept: list | None = [] if keep or self.n_pieces() <= 1 else None
+        budget, total = self.graph_budget(), 0
         for x, y in self.data.pieces(self.batch_size):
             lin = self.linearize(*self._move(x, y))
-            if keep is not None:
-                keep.append(lin)
+            del x, y
+            if kept is not None:
+                kept.append(lin)
+                total += _lin_bytes(lin)
+                if self.n_pieces() > 1 and total > budget:  # later pieces' graphs outgrew the first one's
+                    kept = None  # (linearization_bytes, their maximum, now says so: graph_policy is recomputed)
             yield lin
-        if keep is not None:
-            self._cache = keep
+            del lin
+        if kept is not None:
+            self._cache = kept
 
     def measure_linearization(self) -> int:
         """Bytes one piece's gradient graph holds (measured once, on the first piece)."""
@@ -717,15 +755,62 @@ class Objective:
                 break
         return self.linearization_bytes
 
-    def _cache_wanted(self) -> bool:
-        n = len(self._piece_counts)
-        if n <= 1:
-            return True
-        if self._cache_bytes is None:
-            return False
-        return n * max(self.linearization_bytes, 1) <= self._cache_bytes
+    def graph_budget(self) -> int:
+        """Bytes the kept gradient graphs of all pieces may take: ``cache_bytes`` or the budget set by
+        :meth:`plan_graphs`, else :func:`~hesscli.runtime.memory.default_budget` of the device."""
+        return int(self._cache_bytes) if self._cache_bytes is not None else default_budget(self.device)
+
+    @property
+    def graph_policy(self) -> str:
+        """``"kept"``: every piece's gradient graph is kept between products (one piece; or all of
+        them fit :meth:`graph_budget`); ``"recomputed"``: each product re-runs the forward pass of
+        every piece, one graph alive at a time. Measures one graph first if none was measured."""
+        if self.n_pieces() <= 1:
+            return "kept"
+        self.measure_linearization()
+        return "kept" if self.n_pieces() * max(self.linearization_bytes, 1) <= self.graph_budget() else "recomputed"
+
+    @property
+    def graph_plan(self) -> dict:
+        """What ``meta`` records of the gradient graphs: ``graph_policy``, ``graph_bytes`` (the
+        largest measured, bytes), ``graph_pieces`` (micro-batches, this rank) and ``graph_budget``."""
+        policy = self.graph_policy
+        return {
+            "graph_policy": policy,
+            "graph_bytes": int(self.linearization_bytes),
+            "graph_pieces": self.n_pieces(),
+            "graph_budget": self.graph_budget(),
+        }
+
+    def plan_graphs(self, budget: int | None = None) -> dict:
+        """Choose whether products keep every piece's gradient graph (module docstring) within
+        ``budget`` bytes (None: keep the current budget, ``cache_bytes`` or
+        :func:`~hesscli.runtime.memory.default_budget`), measuring one graph if none was. Kept graphs
+        that no longer fit are dropped. Adds a note when the graphs are recomputed; returns
+        :attr:`graph_plan`. Under torchrun, pass the same budget on every rank (the choice only
+        changes speed and memory, never the number of collectives)."""
+        if budget is not None:
+            if budget < 0:
+                raise UsageError(f"graph budget must be at least 0 bytes (got {budget})")
+            self._cache_bytes = int(budget)
+        plan = self.graph_plan
+        if plan["graph_policy"] == "recomputed":
+            self._cache = None
+        self._note_policy(plan)
+        return plan
+
+    def _note_policy(self, plan: dict) -> None:
+        if plan["graph_policy"] == "recomputed" and not self._policy_noted:
+            self._policy_noted = True
+            n, per = plan["graph_pieces"], plan["graph_bytes"]
+            self.info.notes.append(
+                f"the gradient graphs of the {n} micro-batches ({fmt_bytes(per)} each, {fmt_bytes(n * per)} together) do not "
+                f"fit the {fmt_bytes(plan['graph_budget'])} budget for them: each product re-runs the forward pass, one "
+                "micro-batch's graph at a time"
+            )
 
     def n_pieces(self) -> int:
+        """The number of pieces (micro-batches) of this rank's data."""
         return len(self._piece_counts)
 
     def products(self, V: torch.Tensor, tensors: Sequence[int] | None = None) -> torch.Tensor:
@@ -739,13 +824,21 @@ class Objective:
         base = self.offsets[idx[0]]
         parts = [V[:, self.offsets[t] - base : self.offsets[t + 1] - base].reshape((k,) + self.shapes[t]) for t in idx]
         acc = torch.zeros(k, V.shape[1], dtype=self.dtype, device=self.device)
+        # a first call (e.g. a symmetry probe) measures every graph and keeps none; repeated products
+        # keep them when they fit (graph_policy)
+        keep = self._product_passes > 0 and self.graph_policy == "kept"
         with no_tf32():
-            for lin in self.linearizations():
+            for lin in self._pieces(keep):
                 if k == 1:
                     res = lin.apply([p[0] for p in parts], idx, idx, batched=False)
                 else:
                     res = lin.apply(parts, idx, idx, batched=True)
+                del lin
                 acc += torch.cat([r.reshape(k, -1) for r in res], dim=1)
+                del res
+        self._product_passes += 1
+        if self._product_passes == 1:
+            self._note_policy(self.graph_plan)
         acc *= self.scale
         if self.comm is not None:
             self.comm.all_reduce(acc)
@@ -813,10 +906,16 @@ class Objective:
     # ------------------------------------------------------------------ bookkeeping
 
     def describe_params(self) -> list[dict]:
+        """Name and shape of each selected parameter tensor (``meta.params``)."""
         return [{"name": n, "shape": list(s)} for n, s in zip(self.names, self.shapes)]
 
     def param_checksum(self) -> float:
+        """A number that changes when the parameters do (to detect a module changed in place)."""
         return float(sum(t.double().sum().item() + 1e-3 * t.double().abs().sum().item() for t in self._plain))
+
+
+def _lin_bytes(lin) -> int:
+    return int(getattr(lin, "nbytes", 0) or 0)
 
 
 def asymmetry_tolerance(dtype: torch.dtype) -> float:
