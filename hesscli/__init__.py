@@ -33,6 +33,7 @@ from hesscli.results import (  # noqa: E402
     load,
 )
 from hesscli.session import ModelSpec, Session, open_session  # noqa: E402
+from hesscli.tracking import TrackResult, TrackRow, track  # noqa: E402
 
 __all__ = [
     # one function per command, and reading results back
@@ -42,6 +43,7 @@ __all__ = [
     "density",
     "inspect",
     "merge",
+    "track",
     "load",
     # typed results
     "Result",
@@ -51,6 +53,8 @@ __all__ = [
     "DensityResult",
     "InspectResult",
     "MergeResult",
+    "TrackResult",
+    "TrackRow",
     # a model and its data, opened once
     "ModelSpec",
     "Session",

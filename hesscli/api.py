@@ -31,7 +31,7 @@ from torch import nn
 from hesscli.algorithms import density as density_alg
 from hesscli.algorithms import trace as trace_alg
 from hesscli.algorithms.dense import DenseResult, dense_hessian, plan_dense
-from hesscli.algorithms.lanczos import lanczos, select, stored_eigs
+from hesscli.algorithms.lanczos import EigResult, lanczos, select, stored_eigs
 from hesscli.algorithms.mfplan import MatrixFreePlan, plan_matrix_free
 from hesscli.algorithms.operators import HessianOperator
 from hesscli.errors import HesscliError, MemoryBudgetError, UsageError
@@ -315,7 +315,9 @@ def spectrum(
     ``eigenvectors`` are wanted and not stored). ``per_block``: the same for each diagonal block
     (``blocks``: module, layer, tensor), labelled block-diagonal.
 
-    Returns a :class:`SpectrumResult` (``exit_code`` 4 when a pair did not converge)."""
+    Returns a :class:`SpectrumResult` (``exit_code`` 4 when a pair did not converge). A
+    KeyboardInterrupt (SIGINT) during the eigensolver returns the pairs found so far instead,
+    ``converged`` saying which, ``meta.interrupted`` true and ``exit_code`` 130."""
     t0 = time.perf_counter()
     if not (top_k >= 1):
         raise UsageError(f"--top-k must be at least 1 (got {top_k})")
@@ -334,7 +336,13 @@ def spectrum(
     progress = progress or NullProgress()
     seed = int(options.get("seed", 0)) if src.session is None else src.session.spec.seed
     results = []
+    interrupted = False
     for t in src.targets:
+        if interrupted:  # SIGINT during an earlier block: the rest were not computed
+            nan = np.full(min(top_k, t.size), np.nan)
+            results.append(EigResult(nan, nan.copy(), np.zeros(len(nan), dtype=bool), None, 0.0, tol, 0, 0,
+                                     "not computed", 0, 0.0, ["not computed: interrupted (SIGINT) before this block"]))
+            continue
         r = None
         if t.eigenvalues is not None:  # a result file's answer: no eigendecomposition
             vecs = t.vectors() if t.vectors is not None else None
@@ -348,6 +356,7 @@ def spectrum(
                                    + ("--eigenvectors " if t.eigenvalues is not None else "") + "needs the matrix")
             r = lanczos(op, top_k, which, tol, max_matvecs, block_size, seed=seed, eigenvectors=eigenvectors,
                         progress=progress, **lanczos_kw)
+            interrupted = r.interrupted
         results.append(r)
     multi = len(src.targets) > 1 or src.per_block
     arrays: dict = {}
@@ -367,7 +376,8 @@ def spectrum(
     ev = np.concatenate([r.eigenvalues for r in results])
     res = np.concatenate([r.residuals for r in results])
     conv = np.concatenate([r.converged for r in results])
-    order = np.argsort(ev, kind="stable")
+    found = np.flatnonzero(~np.isnan(ev))
+    order = found[np.argsort(ev[found], kind="stable")]
     pick = order[select(ev[order], top_k, which)]
     arrays.update(eigenvalues=ev[pick], residuals=res[pick], converged=conv[pick])
     if eigenvectors and not multi:
@@ -384,7 +394,7 @@ def spectrum(
         src, t0, top_k=top_k, which=which, tol=tol, max_matvecs=max_matvecs, block_size=results[0].block_size,
         matvecs=int(arrays["matvecs"]), method=methods[0] if len(methods) == 1 else methods,
         norm_estimate=max(r.norm for r in results), converged=bool(all(r.converged.all() for r in results)),
-        tol_rule=tol_rule,
+        tol_rule=tol_rule, interrupted=interrupted,
         targets=targets, notes=list(src.meta.get("notes") or []) + notes,
     )
     return SpectrumResult(arrays, meta)

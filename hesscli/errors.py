@@ -10,6 +10,7 @@ __all__ = [
     "HesscliError",
     "UsageError",
     "MemoryBudgetError",
+    "Interrupted",
     "clean_message",
 ]
 
@@ -50,3 +51,9 @@ class MemoryBudgetError(HesscliError):
     """The dense work asked for exceeds ``--max-memory``; exit code 3."""
 
     exit_code = 3
+
+
+class Interrupted(BaseException):
+    """SIGINT as the command line raises it (exit 130). Not a KeyboardInterrupt, which click would
+    turn into an abort; the library catches both where it can keep what it has (spectrum's pairs
+    found so far)."""

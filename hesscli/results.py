@@ -221,13 +221,16 @@ class SpectrumResult(Result):
 
     @property
     def exit_code(self) -> int:
-        """4 when a wanted pair did not converge (the result is still written), else 0."""
+        """130 when interrupted (SIGINT; the pairs found so far), 4 when a wanted pair did not
+        converge (the result is still written), else 0."""
+        if self.meta.get("interrupted"):
+            return 130
         return 0 if self.meta.get("converged", True) else 4
 
     def summary(self) -> dict:
         """The JSON-ready summary: eigenvalues, residuals, converged, products, per block rows."""
         meta, a = self.meta, self.arrays
-        s = self._head("ok" if meta.get("converged", True) else "not_converged")
+        s = self._head("interrupted" if meta.get("interrupted") else ("ok" if meta.get("converged", True) else "not_converged"))
         targets = self._targets()
         multi = bool(meta.get("per_block")) or len(targets) > 1
         blocks = []

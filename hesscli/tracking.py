@@ -440,6 +440,8 @@ class Tracking:
             raise UsageError(f"--which '{which}': choose largest or both")
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1 (got {top_k})")
+        if tol is None:  # as spectrum's default: above the products' rounding in float32 (1e-5·‖H‖₂)
+            tol = 1e-6 if options.get("dtype") == "float64" else 1e-5
         if not (tol > 0):
             raise UsageError(f"--tol must be positive (got {tol})")
         if trace_matvecs < 1:
@@ -803,7 +805,7 @@ def track(
     force: bool = False,
     top_k: int = 1,
     which: str = "largest",
-    tol: float = 1e-6,
+    tol: float | None = None,
     max_matvecs: int | None = None,
     block_size: int | None = None,
     warm_start: bool = True,

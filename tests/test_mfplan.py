@@ -97,3 +97,57 @@ def test_default_tol_is_reachable_in_float32(samples):
     r = hesscli.spectrum(str(samples / "digits_cnn.pt"), str(samples / "digits_images.pt"), top_k=3)
     assert r.exit_code == 0 and r.converged.all()
     assert r.meta["tol"] >= 1e-5 and "float32" in r.meta["tol_rule"]
+
+
+class StopAfter:
+    """A progress whose n-th advance raises what SIGINT raises in the command line."""
+
+    def __init__(self, n: int, exc: type[BaseException]):
+        self.n, self.exc, self.seen = n, exc, 0
+
+    def start(self, total, description=""):
+        pass
+
+    def advance(self, n=1, **fields):
+        self.seen += 1
+        if self.seen >= self.n:
+            raise self.exc()
+
+    def stop(self):
+        pass
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, hesscli.errors.Interrupted])
+def test_sigint_keeps_the_pairs_found_so_far(samples, exc):
+    model, data = str(samples / "digits_mlp.pt"), str(samples / "digits.pt")
+    ref = hesscli.compute(model, data, dtype="float64").eigenvalues
+    r = hesscli.spectrum(model, data, top_k=4, tol=1e-12, max_matvecs=100000, progress=StopAfter(25, exc))
+    assert r.meta["interrupted"] and r.exit_code == 130 and r.summary()["status"] == "interrupted"
+    assert r.eigenvalues.shape == (4,) and r.matvecs >= 25
+    # the largest converges first: it is right to the accuracy its (estimated) residual claims
+    top = np.argmax(r.eigenvalues)
+    assert abs(r.eigenvalues[top] - ref[-1]) <= max(10 * r.residuals[top], 1e-5 * ref[-1])
+
+
+def test_sigint_in_the_cli_writes_the_pairs_and_exits_130(samples, cli, tmp_path, monkeypatch):
+    import hesscli.cli.matrixfree as mf
+
+    monkeypatch.setattr(mf, "make_progress", lambda con, quiet: StopAfter(25, hesscli.errors.Interrupted))
+    out = tmp_path / "s.npz"
+    r = cli("spectrum", samples / "digits_mlp.pt", "--data", samples / "digits.pt", "--top-k", "4", "--tol", "1e-12",
+            "--max-matvecs", "100000", "-o", out, "--json")
+    assert r.code == 130, r.err
+    assert "interrupted" in r.err and out.exists()
+    loaded = hesscli.load(out)
+    assert loaded.meta["interrupted"] and loaded.converged.dtype == bool and len(loaded.eigenvalues) == 4
+    assert r.json["status"] == "interrupted"
+
+
+def test_sigint_per_block_marks_the_blocks_not_reached(samples):
+    model, data = str(samples / "digits_cnn.pt"), str(samples / "digits_images.pt")
+    r = hesscli.spectrum(model, data, top_k=2, tol=1e-12, per_block=True, max_matvecs=100000,
+                         progress=StopAfter(8, KeyboardInterrupt))
+    s = r.summary()
+    assert s["status"] == "interrupted"
+    assert any(all(e is None for e in b["eigenvalues"]) for b in s["blocks"])  # a block never reached
+    assert not np.isnan(r.eigenvalues).any()

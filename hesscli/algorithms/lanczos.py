@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from hesscli.algorithms.operators import DenseOperator, SymOperator
-from hesscli.errors import UsageError
+from hesscli.errors import Interrupted, UsageError
 from hesscli.runtime.progress import NullProgress, Progress
 
 __all__ = ["EigResult", "lanczos", "dense_eigs", "stored_eigs", "select", "WHICH", "basis_coefficients", "basis_combination"]
@@ -54,6 +54,7 @@ class EigResult:
     block_size: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    interrupted: bool = False  # stopped by KeyboardInterrupt (SIGINT): residuals are the recurrence's estimates
 
 
 def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
@@ -247,6 +248,21 @@ def _orth_block(R: torch.Tensor, V: torch.Tensor, gen: torch.Generator, scale: f
     return torch.stack(out), L
 
 
+def _interrupted(theta, S, V, est, want, hnorm, tol, t0, matvecs, restarts, b, eigenvectors) -> EigResult:
+    """The wanted Ritz pairs at the moment of an interrupt, without another product: residuals are
+    the recurrence's estimates ‖Lᵀs‖ (exact in exact arithmetic), converged where ≤ tol·‖H‖₂."""
+    order = np.argsort(theta[want], kind="stable")
+    idx = torch.as_tensor(want[order])
+    vecs = None
+    if eigenvectors:
+        U = basis_combination(S[: V.shape[0], idx].to(V.device), V)
+        vecs = (U / torch.linalg.norm(U, dim=1, keepdim=True)).T.cpu().numpy()
+    res = np.asarray(est, dtype=np.float64)[want[order]]
+    return EigResult(theta[want[order]], res, res <= tol * hnorm, vecs, hnorm, tol, matvecs, restarts, "block-lanczos", b,
+                     time.perf_counter() - t0, ["interrupted (SIGINT): the pairs found so far; their residuals are "
+                                                "the Lanczos recurrence's estimates, not measured"], interrupted=True)
+
+
 def lanczos(
     op: SymOperator,
     k: int = 20,
@@ -323,6 +339,7 @@ def lanczos(
     T = torch.zeros(0, 0, dtype=torch.float64)
     nmult = 0
     restarts = 0
+    theta = None
     try:
         while True:
             X = V[nmult:]
@@ -363,6 +380,11 @@ def lanczos(
                 V = buf[: rows + Xnew.shape[0]]
         U = basis_combination(S[:, torch.as_tensor(want)].to(dev), V[:nmult])
         U = U / torch.linalg.norm(U, dim=1, keepdim=True)
+    except (KeyboardInterrupt, Interrupted):
+        if theta is None:  # not one block done: nothing to keep
+            raise
+        return _interrupted(theta, S, V[:nmult], est, want, hnorm, tol, t0, op.matvecs - mv0, restarts, b,
+                            eigenvectors)
     finally:
         progress.stop()
     res = _finish(op, theta[want], U, hnorm, tol, t0, mv0, restarts, "block-lanczos", b, eigenvectors)

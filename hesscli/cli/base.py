@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - older typer depends on click
     import click.exceptions as _cx
 
 from hesscli import __version__
-from hesscli.errors import HesscliError, UsageError, clean_message
+from hesscli.errors import HesscliError, Interrupted, UsageError, clean_message
 
 app = typer.Typer(
     name="hesscli",
@@ -318,11 +318,6 @@ app.registered_commands[-1].name = "inspect"
 # entry point
 
 
-class Interrupted(BaseException):
-    """SIGINT, raised like :class:`Terminated` (typer would turn a KeyboardInterrupt into a silent
-    exit 130; this one reaches ``main`` and its ``Error:`` line)."""
-
-
 # The signal received and not yet seen by main(). The exception a handler raises can be swallowed:
 # when it surfaces in Python code that C code called through getattr/hasattr (torch does, e.g. in
 # lazy imports), the C code clears it as a missing attribute. A watchdog thread then sends the
@@ -356,6 +351,11 @@ def _watchdog() -> None:
             import _thread
 
             _thread.interrupt_main(signum)
+
+
+def acknowledge_signal() -> None:
+    """A command that handled SIGINT itself (kept its partial result) stops the watchdog."""
+    _acknowledge_signal()
 
 
 def _acknowledge_signal() -> None:

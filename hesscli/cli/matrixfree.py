@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from hesscli import api
-from hesscli.cli.base import Common, app, comm_from_env, emit, spec_options, start_output, with_options
+from hesscli.cli.base import Common, acknowledge_signal, app, comm_from_env, emit, spec_options, start_output, with_options
 from hesscli.cli.console import err_console, make_progress
 from hesscli.cli.render import render_density, render_spectrum, render_trace
 from hesscli.io.resultfile import check_output
@@ -76,10 +76,15 @@ def spectrum(
                           eigenvectors=eigenvectors, max_memory=max_memory,
                           progress=make_progress(con, common.quiet or not writer),
                           comm=comm, **options)
+    if result.meta.get("interrupted"):
+        acknowledge_signal()  # handled here: the pairs found so far are written below
     if writer:
         result.save(out, common.force)
         summary = result.summary()
         emit(summary, common, lambda: (render_spectrum(con, summary), con.print(f"wrote {out}")))
+    if result.meta.get("interrupted"):
+        con.print(f"Error: interrupted (SIGINT); wrote the pairs found so far to {out} ('converged' says which)",
+                  markup=False, highlight=False)
     return result.exit_code
 
 

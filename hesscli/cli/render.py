@@ -70,8 +70,9 @@ def render_spectrum(con: Console, summary: dict) -> None:
         for c in ("block", "size", "λmax found", "λmin found", "worst residual", "converged", "matvecs"):
             tb.add_column(c, justify="left" if c == "block" else "right")
         for b in blocks:
-            ev, conv = b["eigenvalues"], b["converged"]
-            tb.add_row(b["name"], fmt_num(b["size"]), fmt_num(max(ev)), fmt_num(min(ev)), _residual(b["residuals"]),
+            ev, conv = [x for x in b["eigenvalues"] if x is not None], b["converged"]  # None: not computed
+            tb.add_row(b["name"], fmt_num(b["size"]), fmt_num(max(ev) if ev else None), fmt_num(min(ev) if ev else None),
+                       _residual(b["residuals"]),
                        f"{sum(bool(c) for c in conv)}/{len(conv)}", fmt_num(b["matvecs"]))
         con.print(tb)
     if approx:
@@ -170,7 +171,24 @@ def render_inspect(con: Console, s: dict) -> None:
         con.print(f"{s['n_samples']:,} samples · loss {s['loss']} ({s['reduction']}) = {s['loss_value']:.6g}")
 
 
+def render_track(con: Console, s: dict) -> None:
+    """One row per checkpoint: step, λmax (λmin), residual, products, curvature along the update, loss."""
+    tb = Table(title=f"sharpness across {s['n_checkpoints']} checkpoints ({s.get('which')}, top {s.get('top_k')})",
+               title_justify="left")
+    for c in ("step", "λmax", "λmin", "residual", "matvecs", "dᵀHd/‖d‖²", "loss", "lr", "2/η rule"):
+        tb.add_column(c, justify="right")
+    for r in s["rows"]:
+        tb.add_row(str(r.get("step")), fmt_num(r.get("lambda_max")), fmt_num(r.get("lambda_min")),
+                   _residual(r.get("residual")), fmt_num(r.get("matvecs")), fmt_num(r.get("update_curvature")),
+                   fmt_num(r.get("loss")), fmt_num(r.get("lr")), fmt_num(r.get("threshold")))
+    con.print(tb)
+    con.print(f"{fmt_num(s.get('matvecs'))} eigensolver products · tol {s.get('tol')}·‖H‖₂ · warm start "
+              f"{'on' if s.get('warm_start') else 'off'}" + (f" · threshold: {s['threshold_rule']}" if s.get("threshold_rule") else ""))
+    _notes(con, s)
+
+
 RENDERERS = {
+    "track": render_track,
     "compute": render_compute,
     "merge": render_compute,
     "spectrum": render_spectrum,

@@ -120,7 +120,7 @@ def track(
     *,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Largest eigenvalues per checkpoint.")] = 1,
     which: Annotated[TrackWhich, typer.Option("--which", help="largest, or both (also the top-k smallest).")] = TrackWhich.largest,
-    tol: Annotated[float, typer.Option("--tol", help="Converged when ‖Hv − λv‖ ≤ tol·‖H‖₂.")] = 1e-6,
+    tol: Annotated[Optional[float], typer.Option("--tol", help="Converged when ‖Hv − λv‖ ≤ tol·‖H‖₂ (default 1e-5; 1e-6 with --dtype float64).")] = None,
     max_matvecs: Annotated[Optional[int], typer.Option("--max-matvecs", min=1, help="Budget of eigensolver products per checkpoint (default max(1000, 50·k)).")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", min=1, help="Vectors per Lanczos block (default min(4, k)).")] = None,
     trace: Annotated[bool, typer.Option("--trace", help="Also tr H ± stderr per checkpoint (Hutch++; exact when P ≤ --trace-matvecs).")] = False,
@@ -203,6 +203,7 @@ def track(
         parts.append(f"P = {fmt_num(s['n_params'])}")
     if s.get("dtype"):
         parts.append(f"{s['dtype']} on {s.get('device')}")
+    tol = s.get("tol") or tol
     parts.append(f"tol {tol:g}·‖H‖₂")
     if s.get("seconds") is not None:
         parts.append(f"{s['seconds']:.2f} s")
