@@ -9,7 +9,16 @@ from typing import Annotated, Optional
 import typer
 
 from hesscli import api
-from hesscli.cli.base import Common, acknowledge_signal, app, comm_from_env, emit, spec_options, start_output, with_options
+from hesscli.cli.base import (
+    Common,
+    acknowledge_signal,
+    app,
+    comm_from_env,
+    emit,
+    spec_options,
+    start_output,
+    with_options,
+)
 from hesscli.cli.console import err_console, make_progress
 from hesscli.cli.render import render_density, render_spectrum, render_trace
 from hesscli.io.resultfile import check_output
