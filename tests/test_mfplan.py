@@ -151,3 +151,18 @@ def test_sigint_per_block_marks_the_blocks_not_reached(samples):
     assert s["status"] == "interrupted"
     assert any(all(e is None for e in b["eigenvalues"]) for b in s["blocks"])  # a block never reached
     assert not np.isnan(r.eigenvalues).any()
+
+
+def test_progress_for_a_log_says_done_residual_elapsed_and_left(capsys):
+    from hesscli.algorithms.lanczos import _expected
+    from hesscli.cli.console import LineProgress
+
+    p = LineProgress(every=0.0)
+    p.start(1000, "Lanczos (block 1)")
+    p.advance(10, residual="1.0e-02", expected_total=40)
+    err = capsys.readouterr().err
+    assert err.startswith("Lanczos (block 1): 10/40 residual=1.0e-02 (") and "elapsed" in err and "s left" in err
+    # the residual falls a decade every 10 products: from 1e-2 at 30 products, 1e-6 takes 40 more
+    hist = [(10, np.log(1e-0)), (20, np.log(1e-1)), (30, np.log(1e-2))]
+    assert _expected(hist, 1e-6, 1000) == 70
+    assert _expected(hist[:2], 1e-6, 1000) == 1000  # too early to tell

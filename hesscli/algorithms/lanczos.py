@@ -248,6 +248,19 @@ def _orth_block(R: torch.Tensor, V: torch.Tensor, gen: torch.Generator, scale: f
     return torch.stack(out), L
 
 
+def _expected(history: list[tuple[int, float]], tol: float, max_mv: int) -> int:
+    """The products the run will need, extrapolating the worst residual's log-linear decrease over
+    the last steps to ``tol`` (the total a progress bar's time estimate uses); ``max_mv`` when the
+    residual does not decrease yet."""
+    if len(history) < 3:
+        return max_mv
+    (m0, r0), (m1, r1) = history[max(0, len(history) - 6)], history[-1]
+    rate = (r0 - r1) / max(m1 - m0, 1)
+    if rate <= 0:
+        return max_mv
+    return int(min(max_mv, m1 + max(0.0, (r1 - math.log(tol)) / rate)))
+
+
 def _interrupted(theta, S, V, est, want, hnorm, tol, t0, matvecs, restarts, b, eigenvectors) -> EigResult:
     """The wanted Ritz pairs at the moment of an interrupt, without another product: residuals are
     the recurrence's estimates ‖Lᵀs‖ (exact in exact arithmetic), converged where ≤ tol·‖H‖₂."""
@@ -340,6 +353,7 @@ def lanczos(
     nmult = 0
     restarts = 0
     theta = None
+    history: list[tuple[int, float]] = []  # (products, log of the worst relative residual)
     try:
         while True:
             X = V[nmult:]
@@ -362,7 +376,8 @@ def lanczos(
             est = torch.linalg.norm(L.T @ S[nmult - bx :, :], dim=0).numpy()
             want = select(theta, k, which)
             worst = float(est[want].max()) / max(hnorm, 1e-300)
-            progress.advance(bx, residual=f"{worst:.1e}")
+            history.append((op.matvecs - mv0, math.log(max(worst, 1e-300))))
+            progress.advance(bx, residual=f"{worst:.1e}", expected_total=_expected(history, tol, max_mv))
             done = nmult >= k + b and worst <= tol
             if done or op.matvecs - mv0 + b > max_mv:
                 break

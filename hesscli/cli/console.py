@@ -43,9 +43,12 @@ class RichBar(Progress):
         self._task = self._p.add_task(description, total=total, info="")
 
     def advance(self, n: int = 1, **fields) -> None:
+        """Advance the bar; ``expected_total`` (the solver's estimate of the products it needs) sets
+        the total the remaining time is estimated from; other fields are shown beside the bar."""
         if self._p is not None:
+            expected = fields.pop("expected_total", None)
             info = " ".join(f"{k}={v}" for k, v in fields.items())
-            self._p.update(self._task, advance=n, info=info)
+            self._p.update(self._task, advance=n, info=info, **({"total": expected} if expected else {}))
 
     def stop(self) -> None:
         if self._p is not None:
@@ -53,10 +56,52 @@ class RichBar(Progress):
             self._p = None
 
 
+class LineProgress(Progress):
+    """Progress for a log (stderr not a terminal): one plain line every ``every`` seconds with the
+    work done, the fields (residual, ...), the time elapsed and an estimate of the time left."""
+
+    def __init__(self, every: float = 30.0):
+        self.every = every
+        self._t0 = self._last = 0.0
+        self._done = 0
+        self._total = 0
+        self._what = ""
+
+    def start(self, total: int, description: str = "") -> None:
+        """Begin a task of ``total`` steps (a line only once ``every`` seconds have passed)."""
+        import time
+
+        self._t0 = self._last = time.monotonic()
+        self._done, self._total, self._what = 0, total, description
+
+    def advance(self, n: int = 1, **fields) -> None:
+        """Count ``n`` steps; print a line when ``every`` seconds passed since the last one."""
+        import time
+
+        self._done += n
+        self._total = fields.pop("expected_total", None) or self._total
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return
+        self._last = now
+        elapsed = now - self._t0
+        left = elapsed / self._done * max(self._total - self._done, 0) if self._done else math.nan
+        info = " ".join(f"{k}={v}" for k, v in fields.items())
+        eta = f", ~{left:.0f} s left" if math.isfinite(left) else ""
+        sys.stderr.write(f"{self._what}: {self._done}/{self._total} {info} ({elapsed:.0f} s elapsed{eta})\n")
+        sys.stderr.flush()
+
+    def stop(self) -> None:
+        """Nothing to clean up."""
+
+
 def make_progress(console: Console, quiet: bool) -> Progress:
-    """A Rich bar when stderr is a terminal and ``--quiet`` is not given; else nothing."""
-    if quiet or not sys.stderr.isatty():
+    """A Rich bar when stderr is a terminal, a line every 30 s when it is a log (a training job's),
+    nothing with ``--quiet``."""
+    if quiet:
         return NullProgress()
+    if not sys.stderr.isatty():
+        return LineProgress()
     return RichBar(console)
 
 
