@@ -155,7 +155,7 @@ def model_source(session: Session, per_block: bool, command: str, blocks: str = 
     t0 = time.perf_counter()
     obj = session.objective
     h0 = obj.hvps
-    probe, where = obj.symmetry_probe(session.spec.seed)
+    probe, where = obj.symmetry_probe(session.spec.seed, chunk=plan.probe_chunk if plan is not None else 8)
     tol = asymmetry_tolerance(obj.dtype)
     if not math.isfinite(probe):
         raise HesscliError(

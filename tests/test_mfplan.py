@@ -166,3 +166,14 @@ def test_progress_for_a_log_says_done_residual_elapsed_and_left(capsys):
     hist = [(10, np.log(1e-0)), (20, np.log(1e-1)), (30, np.log(1e-2))]
     assert _expected(hist, 1e-6, 1000) == 70
     assert _expected(hist[:2], 1e-6, 1000) == 1000  # too early to tell
+
+
+def test_symmetry_probe_in_chunks_is_the_same_probe(samples):
+    """The probe keeps segments and takes its products a chunk at a time: the same number whatever
+    the chunk (one vector at a time uses 1/16 of the memory of all 16 at once)."""
+    s = hesscli.open_session(hesscli.ModelSpec(str(samples / "digits_mlp.pt"), data=[str(samples / "digits.pt")],
+                                               engine="autograd", dtype="float64"))
+    a = s.objective.symmetry_probe(0, chunk=1)
+    b = s.objective.symmetry_probe(0, chunk=32)
+    assert a[1] == b[1] and a[0] == pytest.approx(b[0], rel=1e-6, abs=1e-15)
+    assert a[0] < 1e-10

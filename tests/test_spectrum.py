@@ -189,7 +189,7 @@ def test_not_converged_exit_4_and_usage_errors(tmp_path, capsys, monkeypatch):
 def test_symmetry_probe_stops_matrix_free_work(tmp_path, capsys, monkeypatch):
     from hesscli.objective.core import Objective
 
-    monkeypatch.setattr(Objective, "symmetry_probe", lambda self, seed=0: (0.5, "fc1.weight / fc2.weight"))
+    monkeypatch.setattr(Objective, "symmetry_probe", lambda self, seed=0, **kw: (0.5, "fc1.weight / fc2.weight"))
     code, js, err = cli(capsys, "trace", DIGITS_MLP, "--data", DIGITS, "-o", tmp_path / "t.npz")
     assert code == 1 and "fc1.weight / fc2.weight" in err and "not symmetric" in err
     assert not (tmp_path / "t.npz").exists()

@@ -27,14 +27,14 @@ form, checked against autograd's on the first samples before they are used.
 
 **Gradient graphs and memory** (:meth:`Objective.plan_graphs`). A piece's linearisation (its
 gradient graph, or the chain's quantities) is what a product needs. With one piece it is built once
-and kept. With several, the products keep every piece's graph only when all of them fit the graph
-budget (``cache_bytes``, :meth:`Objective.plan_graphs`; default
-:func:`hesscli.runtime.memory.default_budget`), measured as the bytes each graph holds: then
-``graph_policy`` is ``"kept"`` and, from the second call of :meth:`Objective.products` on, no forward
-pass is repeated. Otherwise it is ``"recomputed"``: every product re-runs the forward and backward
-pass of each piece, one graph alive at a time, and a note says so. A single call of
-:meth:`products` (a symmetry probe) and :meth:`linearizations` (the dense Hessian's one pass) never
-hold more than one graph.
+and kept. With several, products keep every piece's graph only when a graph budget was given
+(``cache_bytes``, or :meth:`Objective.plan_graphs` from a memory plan) and all the graphs fit it,
+measured as the bytes each graph holds: then ``graph_policy`` is ``"kept"`` and once a product has
+built them no forward pass is repeated. Otherwise it is ``"recomputed"``: every product re-runs the
+forward and backward pass of each piece, one graph alive at a time (and a note says so when a budget
+was too small). Without a budget nothing is kept, so a consumer that never planned for the graphs
+(the dense Hessian, whose one pass uses :meth:`linearizations`, and its symmetry probe) holds one
+graph at a time.
 """
 
 from __future__ import annotations
@@ -291,9 +291,8 @@ class Objective:
         self.loss: Loss | None = None
         self._piece_counts: list[float] = []
         self._cache: list[Linearization] | None = None
-        self._cache_bytes = cache_bytes  # the graph budget (None: default_budget of the device)
+        self._cache_bytes = cache_bytes  # the graph budget (None: none given, graphs are not kept)
         self.linearization_bytes = 0  # the largest gradient graph measured (bytes)
-        self._product_passes = 0  # complete passes of products() over the data
         self._policy_noted = False
         self.derivative_check: dict = {}
         self._lin_state: dict = {}
@@ -731,7 +730,7 @@ class Objective:
             yield from self._cache
             return
         kept: list | None = [] if keep or self.n_pieces() <= 1 else None
-        budget, total = self.graph_budget(), 0
+        budget, total = self.graph_budget() or 0, 0
         for x, y in self.data.pieces(self.batch_size):
             lin = self.linearize(*self._move(x, y))
             del x, y
@@ -755,25 +754,29 @@ class Objective:
                 break
         return self.linearization_bytes
 
-    def graph_budget(self) -> int:
-        """Bytes the kept gradient graphs of all pieces may take: ``cache_bytes`` or the budget set by
-        :meth:`plan_graphs`, else :func:`~hesscli.runtime.memory.default_budget` of the device."""
-        return int(self._cache_bytes) if self._cache_bytes is not None else default_budget(self.device)
+    def graph_budget(self) -> int | None:
+        """Bytes the kept gradient graphs of all pieces may take: ``cache_bytes``, or the budget set by
+        :meth:`plan_graphs`; None when none was given (then graphs are not kept)."""
+        return int(self._cache_bytes) if self._cache_bytes is not None else None
 
     @property
     def graph_policy(self) -> str:
-        """``"kept"``: every piece's gradient graph is kept between products (one piece; or all of
-        them fit :meth:`graph_budget`); ``"recomputed"``: each product re-runs the forward pass of
-        every piece, one graph alive at a time. Measures one graph first if none was measured."""
+        """``"kept"``: every piece's gradient graph is kept between products (one piece; or a graph
+        budget was given and all of them fit it); ``"recomputed"``: each product re-runs the forward
+        pass of every piece, one graph alive at a time. Measures one graph first if none was."""
         if self.n_pieces() <= 1:
             return "kept"
+        budget = self.graph_budget()
+        if budget is None:
+            return "recomputed"
         self.measure_linearization()
-        return "kept" if self.n_pieces() * max(self.linearization_bytes, 1) <= self.graph_budget() else "recomputed"
+        return "kept" if self.n_pieces() * max(self.linearization_bytes, 1) <= budget else "recomputed"
 
     @property
     def graph_plan(self) -> dict:
         """What ``meta`` records of the gradient graphs: ``graph_policy``, ``graph_bytes`` (the
-        largest measured, bytes), ``graph_pieces`` (micro-batches, this rank) and ``graph_budget``."""
+        largest measured, bytes; 0 when none was), ``graph_pieces`` (micro-batches, this rank) and
+        ``graph_budget`` (None when none was given)."""
         policy = self.graph_policy
         return {
             "graph_policy": policy,
@@ -784,15 +787,16 @@ class Objective:
 
     def plan_graphs(self, budget: int | None = None) -> dict:
         """Choose whether products keep every piece's gradient graph (module docstring) within
-        ``budget`` bytes (None: keep the current budget, ``cache_bytes`` or
-        :func:`~hesscli.runtime.memory.default_budget`), measuring one graph if none was. Kept graphs
-        that no longer fit are dropped. Adds a note when the graphs are recomputed; returns
-        :attr:`graph_plan`. Under torchrun, pass the same budget on every rank (the choice only
-        changes speed and memory, never the number of collectives)."""
-        if budget is not None:
-            if budget < 0:
-                raise UsageError(f"graph budget must be at least 0 bytes (got {budget})")
-            self._cache_bytes = int(budget)
+        ``budget`` bytes (None: :func:`~hesscli.runtime.memory.default_budget` of the device),
+        measuring one graph if none was: a memory plan calls it with what the rest of its work
+        leaves. Kept graphs that no longer fit are dropped. Adds a note when the graphs are
+        recomputed; returns :attr:`graph_plan`. Under torchrun, pass the same budget on every rank
+        (the choice changes speed and memory only, never the number of collectives)."""
+        budget = default_budget(self.device) if budget is None else int(budget)
+        if budget < 0:
+            raise UsageError(f"graph budget must be at least 0 bytes (got {budget})")
+        self._cache_bytes = budget
+        self.measure_linearization()
         plan = self.graph_plan
         if plan["graph_policy"] == "recomputed":
             self._cache = None
@@ -800,7 +804,7 @@ class Objective:
         return plan
 
     def _note_policy(self, plan: dict) -> None:
-        if plan["graph_policy"] == "recomputed" and not self._policy_noted:
+        if plan["graph_policy"] == "recomputed" and plan["graph_budget"] is not None and not self._policy_noted:
             self._policy_noted = True
             n, per = plan["graph_pieces"], plan["graph_bytes"]
             self.info.notes.append(
@@ -824,9 +828,7 @@ class Objective:
         base = self.offsets[idx[0]]
         parts = [V[:, self.offsets[t] - base : self.offsets[t + 1] - base].reshape((k,) + self.shapes[t]) for t in idx]
         acc = torch.zeros(k, V.shape[1], dtype=self.dtype, device=self.device)
-        # a first call (e.g. a symmetry probe) measures every graph and keeps none; repeated products
-        # keep them when they fit (graph_policy)
-        keep = self._product_passes > 0 and self.graph_policy == "kept"
+        keep = self.graph_policy == "kept"  # all pieces' graphs fit the budget a memory plan gave
         with no_tf32():
             for lin in self._pieces(keep):
                 if k == 1:
@@ -836,9 +838,7 @@ class Objective:
                 del lin
                 acc += torch.cat([r.reshape(k, -1) for r in res], dim=1)
                 del res
-        self._product_passes += 1
-        if self._product_passes == 1:
-            self._note_policy(self.graph_plan)
+        self._note_policy(self.graph_plan)
         acc *= self.scale
         if self.comm is not None:
             self.comm.all_reduce(acc)
@@ -872,26 +872,46 @@ class Objective:
             self.comm.all_reduce(acc)
         return acc
 
-    def symmetry_probe(self, seed: int = 0, max_groups: int = 16) -> tuple[float, str]:
+    def symmetry_probe(self, seed: int = 0, max_groups: int = 16, chunk: int = 8) -> tuple[float, str]:
         """Check that the Hessian operator is symmetric, and name the worst pair of parameters.
 
         Two random vectors u_a, u'_a supported on each parameter group a (tensors, merged into at
         most ``max_groups`` groups) give M = Uᵀ(HU); a correct Hessian has M = Mᵀ to rounding, while
         a wrong second derivative breaks it by O(1). Returns
         (max |M_ab − M_ba| / (‖Hu_a‖‖u_b‖ + ‖Hu_b‖‖u_a‖), "name_a / name_b"). Costs 2·groups HVPs.
-        """
+
+        Memory: each u_i is kept as its group's segment only (2·P numbers in all), and the products
+        are taken ``chunk`` vectors at a time, each consumed into M before the next chunk — never
+        2·groups full vectors at once (5.8 GB at 22.7M parameters before)."""
         T = len(self.names)
         per = max(1, math.ceil(T / max_groups))
         groups = [list(range(i, min(i + per, T))) for i in range(0, T, per)]
         gen = torch.Generator().manual_seed(seed)
-        U = torch.zeros(2 * len(groups), self.P, dtype=torch.float64)
-        for gi, g in enumerate(groups):
+        spans, segs = [], []
+        for g in groups:
             a, b = self.offsets[g[0]], self.offsets[g[-1] + 1]
-            U[2 * gi : 2 * gi + 2, a:b] = torch.randn(2, b - a, generator=gen, dtype=torch.float64)
-        HU = self.hvp(U.to(self.dtype)).to(torch.float64).cpu()
-        M = U @ HU.T  # M[i, j] = u_i^T H u_j
-        norms_u = U.norm(dim=1)
-        norms_hu = HU.norm(dim=1)
+            pair = torch.randn(2, b - a, generator=gen, dtype=torch.float64)
+            for r in range(2):
+                spans.append((a, b))
+                segs.append(pair[r])
+        m = len(segs)
+        M = torch.zeros(m, m, dtype=torch.float64)
+        norms_hu = torch.zeros(m, dtype=torch.float64)
+        norms_u = torch.stack([s.norm() for s in segs])
+        chunk = max(1, int(chunk))
+        for c0 in range(0, m, chunk):
+            idx = range(c0, min(c0 + chunk, m))
+            U = torch.zeros(len(idx), self.P, dtype=self.dtype)
+            for row, j in enumerate(idx):
+                a, b = spans[j]
+                U[row, a:b] = segs[j].to(self.dtype)
+            HU = self.hvp(U).to(torch.float64).cpu()
+            del U
+            for row, j in enumerate(idx):
+                norms_hu[j] = HU[row].norm()
+                for i, (a, b) in enumerate(spans):  # M[i, j] = u_iᵀ H u_j
+                    M[i, j] = segs[i] @ HU[row, a:b]
+            del HU
         denom = norms_hu[:, None] * norms_u[None, :] + norms_u[:, None] * norms_hu[None, :]
         # a block that is zero up to rounding (e.g. a conv bias before an InstanceNorm) has an O(1)
         # relative asymmetry of pure noise: measure against at least a floor set by the whole H,
