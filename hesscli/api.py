@@ -49,7 +49,7 @@ from hesscli.results import (
 )
 from hesscli.runtime.memory import default_budget, fmt_bytes, parse_size
 from hesscli.runtime.progress import NullProgress, Progress
-from hesscli.session import ModelSpec, Session, open_session, stage
+from hesscli.session import ModelSpec, Session, data_argument, open_session, stage
 from hesscli.sources import Source, is_result_file, model_source, result_source
 
 __all__ = ["compute", "spectrum", "trace", "density", "inspect", "merge", "load", "ModelSpec", "Session", "open_session"]
@@ -61,19 +61,6 @@ _SPEC_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)} - {"model", "data
 
 # ---------------------------------------------------------------------------------------------
 # opening what a call is given
-
-
-def _data(data: DataLike) -> tuple[list[str], Dataset | None]:
-    """Data files, or an in-memory data set (a Dataset or an (inputs, targets) pair)."""
-    if data is None:
-        return [], None
-    if isinstance(data, Dataset):
-        return [], data
-    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (str, os.PathLike)):
-        return [], Dataset.from_tensors(data[0], data[1])
-    if isinstance(data, (str, os.PathLike)):
-        return [str(data)], None
-    return [str(d) for d in data], None
 
 
 def _spec(model: str | ModelSpec, files: list[str], options: dict) -> ModelSpec:
@@ -96,7 +83,7 @@ def session_for(model: ModelLike, data: DataLike = None, comm=None, split: str =
         if data is not None or options:
             raise UsageError("an open Session already has its data and options")
         return model
-    files, ds = _data(data)
+    files, ds = data_argument(data)
     if isinstance(model, nn.Module):
         spec = _spec(f"<{type(model).__qualname__}>", files, options)
         return open_session(spec, comm, split, module=model, dataset=ds)

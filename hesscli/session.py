@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from hesscli.io.data import Dataset, load_dataset
 from hesscli.io.loading import LoadedModel, load_model, parse_arch_kwargs
 from hesscli.objective.core import Objective
 
-__all__ = ["ModelSpec", "Session", "open_session", "in_memory_model", "stage"]
+__all__ = ["ModelSpec", "Session", "open_session", "in_memory_model", "data_argument", "stage"]
 
 
 @dataclass
@@ -120,6 +121,21 @@ def open_session(
         # how many collectives run
         obj.linearization_bytes = int(comm.maximum(obj.linearization_bytes))
     return Session(spec, lm, ds, obj, time.perf_counter() - t0, comm, full)
+
+
+def data_argument(data) -> tuple[list[str], Dataset | None]:
+    """What a library call was given as data: file paths (a path or a sequence of them), or an
+    in-memory data set (a :class:`Dataset`, or an ``(inputs, targets)`` pair of tensors, inputs
+    possibly a dict of tensors). Returns (paths, None) or ([], dataset)."""
+    if data is None:
+        return [], None
+    if isinstance(data, Dataset):
+        return [], data
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (str, os.PathLike)):
+        return [], Dataset.from_tensors(data[0], data[1])
+    if isinstance(data, (str, os.PathLike)):
+        return [str(data)], None
+    return [str(d) for d in data], None
 
 
 def in_memory_model(module: nn.Module) -> LoadedModel:

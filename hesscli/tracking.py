@@ -63,7 +63,7 @@ from hesscli.io.data import Dataset
 from hesscli.io.resultfile import check_output, json_safe, read_result
 from hesscli.results import Result, register
 from hesscli.runtime.progress import NullProgress, Progress
-from hesscli.session import ModelSpec, Session, open_session
+from hesscli.session import ModelSpec, Session, data_argument, open_session
 
 __all__ = [
     "TrackRow",
@@ -347,18 +347,6 @@ register("track", TrackResult)
 # the run
 
 
-def _data_arg(data) -> tuple[list[str], Dataset | None]:
-    if data is None:
-        return [], None
-    if isinstance(data, Dataset):
-        return [], data
-    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (str, os.PathLike)):
-        return [], Dataset.from_tensors(data[0], data[1])
-    if isinstance(data, (str, os.PathLike)):
-        return [str(data)], None
-    return [str(d) for d in data], None
-
-
 def _data_fingerprint(files: list[str], ds: Dataset | None) -> list[str]:
     from hesscli.io.loading import file_sha256
 
@@ -456,7 +444,7 @@ class Tracking:
         checkpoints = [str(c) for c in checkpoints or []]
         if not checkpoints and follow is None:
             raise UsageError("no checkpoints: name files, directories or a quoted glob (or --follow DIR)")
-        self.files, self.dataset = _data_arg(data)
+        self.files, self.dataset = data_argument(data)
         if not self.files and self.dataset is None:
             raise UsageError("no data: pass --data FILE (one or more)")
         self.spec = ModelSpec(model="", data=list(self.files), **options)

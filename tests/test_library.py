@@ -178,7 +178,7 @@ def test_docs_library_training_loop_runs_and_matches_the_cli(cli, tmp_path, monk
     exec(compile(code, "docs/library.md", "exec"), scope)
     log = scope["log"]
     assert [s for s, _, _ in log] == [10, 20, 30]
-    assert all(res <= 1e-6 * abs(lam) for _, lam, res in log)
+    assert all(res <= 1e-4 * abs(lam) for _, lam, res in log)  # the float32 default tol is 1e-5 or above
     c = cli("spectrum", "diabetes_mlp_step30.pt", "--arch", ARCH, "--data", "sample_checkpoints/diabetes.pt",
             "--loss", "mse", "--top-k", "1", "--json", "--quiet", "-o", "s.npz")
     assert c.code == 0, c.err

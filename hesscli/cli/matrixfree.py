@@ -10,6 +10,7 @@ import typer
 
 from hesscli import api
 from hesscli.cli.base import (
+    BlocksBy,
     Common,
     acknowledge_signal,
     app,
@@ -28,6 +29,8 @@ PER_BLOCK_HELP = "The same for each diagonal block (the block-diagonal part of H
 
 
 class Which(str, enum.Enum):
+    """spectrum --which choices."""
+
     largest = "largest"
     smallest = "smallest"
     both = "both"
@@ -35,6 +38,8 @@ class Which(str, enum.Enum):
 
 
 class TraceMethod(str, enum.Enum):
+    """trace --method choices."""
+
     auto = "auto"
     exact = "exact"
     hutchinson = "hutchinson"
@@ -42,15 +47,9 @@ class TraceMethod(str, enum.Enum):
     xtrace = "xtrace"
 
 
-class Blocks(str, enum.Enum):
-    module = "module"
-    layer = "layer"
-    tensor = "tensor"
-
-
 MaxMemory = Annotated[Optional[str], typer.Option(
     "--max-memory", help="Memory budget, e.g. 4GB (default: half of what the process may use); planned before any product.")]
-BlocksOption = Annotated[Blocks, typer.Option("--blocks", help="Blocks of --per-block: module, layer or tensor.")]
+BlocksOption = Annotated[BlocksBy, typer.Option("--blocks", help="Blocks of --per-block: module, layer or tensor.")]
 
 
 def _source_args(source, spec_kw: dict) -> tuple:
@@ -70,7 +69,7 @@ def spectrum(
     max_matvecs: Annotated[Optional[int], typer.Option("--max-matvecs", min=1, help="Budget of products per operator (default max(1000, 50·k)).")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", min=1, help="Vectors per Lanczos block (default min(4, k)); at least the multiplicity you expect.")] = None,
     per_block: Annotated[bool, typer.Option("--per-block", help=PER_BLOCK_HELP)] = False,
-    blocks: BlocksOption = Blocks.module,
+    blocks: BlocksOption = BlocksBy.module,
     eigenvectors: Annotated[bool, typer.Option("--eigenvectors", help="Store the eigenvectors (P, k).")] = False,
     max_memory: MaxMemory = None,
     spec_kw: dict,
@@ -81,7 +80,7 @@ def spectrum(
     con = err_console()
     source, data, options = _source_args(source, spec_kw)
     result = api.spectrum(source, data, top_k=top_k, which=Which(which).value, tol=tol, max_matvecs=max_matvecs,
-                          block_size=block_size, per_block=per_block, blocks=Blocks(blocks).value,
+                          block_size=block_size, per_block=per_block, blocks=BlocksBy(blocks).value,
                           eigenvectors=eigenvectors, max_memory=max_memory,
                           progress=make_progress(con, common.quiet or not writer),
                           comm=comm, **options)
@@ -105,7 +104,7 @@ def trace(
     method: Annotated[TraceMethod, typer.Option("--method", help="auto, exact, hutchinson, hutchpp or xtrace.")] = TraceMethod.auto,
     matvecs: Annotated[int, typer.Option("--matvecs", min=1, help="Products (with --per-block on a model: shared by every block; per block for xtrace and result files).")] = 300,
     per_block: Annotated[bool, typer.Option("--per-block", help=PER_BLOCK_HELP)] = False,
-    blocks: BlocksOption = Blocks.module,
+    blocks: BlocksOption = BlocksBy.module,
     max_memory: MaxMemory = None,
     spec_kw: dict,
     common: Common,
@@ -115,7 +114,7 @@ def trace(
     con = err_console()
     source, data, options = _source_args(source, spec_kw)
     result = api.trace(source, data, method=TraceMethod(method).value, matvecs=matvecs, per_block=per_block,
-                       blocks=Blocks(blocks).value, max_memory=max_memory,
+                       blocks=BlocksBy(blocks).value, max_memory=max_memory,
                        progress=make_progress(con, common.quiet or not writer), comm=comm,
                        **options)
     if writer:
@@ -134,7 +133,7 @@ def density(
     steps: Annotated[int, typer.Option("--steps", min=2, help="Lanczos steps per run (SLQ; not used for a result file).")] = 80,
     plot: Annotated[Optional[str], typer.Option("--plot", help="Save a PNG of the density (log scale); needs matplotlib.")] = None,
     per_block: Annotated[bool, typer.Option("--per-block", help=PER_BLOCK_HELP)] = False,
-    blocks: BlocksOption = Blocks.module,
+    blocks: BlocksOption = BlocksBy.module,
     max_memory: MaxMemory = None,
     spec_kw: dict,
     common: Common,
@@ -145,7 +144,7 @@ def density(
         check_output(plot, common.force)
     con = err_console()
     source, data, options = _source_args(source, spec_kw)
-    result = api.density(source, data, runs=runs, steps=steps, per_block=per_block, blocks=Blocks(blocks).value,
+    result = api.density(source, data, runs=runs, steps=steps, per_block=per_block, blocks=BlocksBy(blocks).value,
                          max_memory=max_memory,
                          progress=make_progress(con, common.quiet or not writer), comm=comm, **options)
     if writer:
