@@ -198,3 +198,18 @@ def test_trace_per_block_shares_its_products(diabetes):
         exact = float(h.block(name)["trace"])
         assert abs(b["trace"] - exact) <= 3 * b["stderr"] + 1e-9 * abs(exact), name
     assert abs(t.trace - h.trace) <= 3 * t.stderr
+
+
+@pytest.mark.slow
+def test_track_json_lines_are_the_library_rows(cli, samples, tmp_path):
+    """track: each --json line is the library's TrackRow.summary() for that checkpoint."""
+    ckpts = [str(samples / "gd_run" / f"step_{s:04d}.pt") for s in (100, 110)]
+    data = str(samples / "digits.pt")
+    r = cli("track", *ckpts, "--data", data, "-o", tmp_path / "t.npz", "--json", "--quiet")
+    assert r.code == 0, r.err
+    import json as _json
+
+    lines = [_json.loads(s) for s in r.out.splitlines() if s.strip()]
+    rows = list(hesscli.track(ckpts, data))
+    assert [row.step for row in rows] == [100, 110]
+    assert [_strip(x) for x in lines] == [_strip(row.summary()) for row in rows]
