@@ -225,8 +225,8 @@ def _forwards(fn) -> int:
 
 @pytest.mark.parametrize("engine", ["autograd", "chain"])
 def test_kept_and_recomputed_graphs_give_the_same_products(engine):
-    """6 micro-batches: with room for their graphs they are kept from the second product call on
-    (no more forward passes); with none, each call re-runs the 6 forwards and a note says so. The
+    """6 micro-batches: with room for their graphs the first product call keeps them (no more
+    forward passes after it); with none, each call re-runs the 6 forwards and a note says so. The
     products are the same either way."""
     kept, recomputed = _digits_objective(10**12, engine), _digits_objective(0, engine)
     assert (kept.chain is not None) == (engine == "chain")
@@ -238,7 +238,7 @@ def test_kept_and_recomputed_graphs_give_the_same_products(engine):
         for V_ in (V, V[0], V[1:3]):
             counts[name].append(_forwards(lambda obj=obj, V_=V_, name=name: outs[name].append(obj.hvp(V_))))
     assert counts["recomputed"] == [6, 6, 6]
-    assert counts["kept"] == [6, 6, 0]  # the first call keeps nothing; the second keeps what it builds
+    assert counts["kept"] == [6, 0, 0]
     for a, b in zip(outs["kept"], outs["recomputed"]):
         assert float((a - b).abs().max()) <= 1e-13 * float(a.abs().max())
     plan = recomputed.graph_plan
@@ -248,16 +248,25 @@ def test_kept_and_recomputed_graphs_give_the_same_products(engine):
 
 
 def test_plan_graphs_sets_the_budget():
-    """plan_graphs(budget): graphs over it are dropped and recomputed; a budget that holds them all
-    keeps them; one piece is always kept (one graph is the minimum any product needs)."""
+    """Without a graph budget nothing is kept (what the dense Hessian and its probe rely on);
+    plan_graphs() (the default budget) keeps them; plan_graphs(budget): graphs over it are dropped
+    and recomputed, a budget that holds them all keeps them; one piece is always kept (one graph is
+    the minimum any product needs)."""
     obj = _digits_objective(None)
     V = torch.randn(2, obj.P, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    ref = [obj.hvp(V), obj.hvp(V)]
-    assert obj.graph_policy == "kept" and obj._cache is not None  # the default budget holds 6 small graphs
+    ref = []
+    for _ in range(2):
+        assert _forwards(lambda: ref.append(obj.hvp(V))) == 6
+    assert obj.graph_policy == "recomputed" and obj._cache is None and obj.graph_plan["graph_budget"] is None
+    assert not any("re-runs the forward pass" in n for n in obj.info.notes)  # no budget was too small
+    assert obj.plan_graphs()["graph_policy"] == "kept"  # the default budget holds 6 small graphs
+    assert _forwards(lambda: ref.append(obj.hvp(V))) == 6 and _forwards(lambda: obj.hvp(V)) == 0
+    assert obj._cache is not None
     per = obj.graph_plan["graph_bytes"]
     plan = obj.plan_graphs(6 * per - 1)
     assert plan["graph_policy"] == "recomputed" and plan["graph_budget"] == 6 * per - 1 and obj._cache is None
     assert _forwards(lambda: ref.append(obj.hvp(V))) == 6 and _forwards(lambda: obj.hvp(V)) == 6
+    assert any("re-runs the forward pass" in n for n in obj.info.notes)
     assert obj.plan_graphs(6 * per)["graph_policy"] == "kept"
     obj.hvp(V)
     assert _forwards(lambda: ref.append(obj.hvp(V))) == 0
@@ -286,10 +295,10 @@ x = torch.randn(4096, 64, generator=g, dtype=torch.float64)
 y = torch.randint(0, 10, (4096,), generator=g)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 10)).double()
-obj = Objective(model, Dataset.from_tensors(x, y), batch_size=512, engine="autograd", cache_bytes=int(sys.argv[1]),
-                check=False)
+obj = Objective(model, Dataset.from_tensors(x, y), batch_size=512, engine="autograd", check=False)
 v = torch.randn(obj.P, generator=g, dtype=torch.float64)
-obj.hvp(v)  # the first pass: every graph measured, none kept
+obj.hvp(v)  # warm-up, no budget: one graph at a time (the allocator's first growth is not the graphs')
+obj.plan_graphs(int(sys.argv[1]))
 base = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak (VmHWM) starts again from the current RSS
@@ -309,7 +318,7 @@ def _rss_run(budget: int) -> dict:
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's resettable peak RSS")
 def test_recomputed_graphs_keep_peak_memory_bounded():
-    """An MLP with 32 MB gradient graphs over 8 micro-batches, three products after the first: with
+    """An MLP with 32 MB gradient graphs over 8 micro-batches, three products after a warm-up: with
     a graph budget of 0 the peak RSS grows by about one graph, 0.5–2.5 measured (it grew by ~20
     graphs before saved tensors were packed detached: each graph leaked through a reference cycle);
     with room for all graphs it grows by the 8 kept graphs (~13 measured), which shows the measure
