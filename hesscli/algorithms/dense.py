@@ -245,7 +245,7 @@ def dense_hessian(
                 progress.advance(e - s)
                 s = e
             tuner.done_tensor()
-        del piece, pullback  # one piece's graph alive at a time: not the previous one while the next is built
+        piece = pullback = None  # one piece's graph alive at a time: not the previous one while the next is built
     progress.stop()
     k = tuner.best
 
