@@ -49,7 +49,7 @@ from hesscli.results import (
 )
 from hesscli.runtime.memory import default_budget, fmt_bytes, parse_size
 from hesscli.runtime.progress import NullProgress, Progress
-from hesscli.session import ModelSpec, Session, data_argument, open_session, stage
+from hesscli.session import ModelSpec, Session, data_argument, in_memory_model, open_session, stage
 from hesscli.sources import Source, is_result_file, model_source, result_source
 
 __all__ = ["compute", "spectrum", "trace", "density", "inspect", "merge", "load", "ModelSpec", "Session", "open_session"]
@@ -92,7 +92,7 @@ def session_for(model: ModelLike, data: DataLike = None, comm=None, split: str =
 
 
 def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size: int | None = None,
-          ncv: int | None = None, float64_only: str | None = None) -> MatrixFreePlan:
+          ncv: int | None = None, float64_only: str | None = None, ncv_name: str = "--ncv") -> MatrixFreePlan:
     """The memory plan of a matrix-free command on an open model, before any product: one data
     piece's gradient graph is measured (a forward and backward pass), the solver's vectors are
     sized to ``max_memory``, and whatever is left decides whether every piece's graph is kept
@@ -107,7 +107,7 @@ def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size:
     with stage(comm):
         graph = obj.measure_linearization()
         itemsize = torch.empty((), dtype=obj.dtype).element_size()
-        plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, 1, what)
+        plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, 1, what, ncv_name)
         if float64_only and plan.basis_dtype != "float64":
             need = plan.total - plan.bytes["basis"] + plan.ncv * obj.P * 8
             raise MemoryBudgetError(
@@ -116,7 +116,7 @@ def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size:
             )
         graphs = obj.plan_graphs(max(budget - (plan.total - plan.bytes["graphs"]), 0))
         if graphs["graph_policy"] == "kept" and obj.n_pieces() > 1:
-            plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, obj.n_pieces(), what)
+            plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, obj.n_pieces(), what, ncv_name)
     return plan
 
 
@@ -261,8 +261,9 @@ DEFAULT_TOL = {"float64": 1e-6, "float32": 1e-5}
 
 
 def default_tol(src: Source) -> tuple[float, str]:
-    """The default ``--tol`` and the rule that set it: 1e-6 in float64 (and for a result file);
-    in float32 the larger of 1e-5 and 50× the relative asymmetry the symmetry probe measured — the
+    """The default ``--tol`` and the rule that set it: 1e-6 in float64; in float32 1e-5 for a result
+    file (its stored eigenvalues need no iterations) and, on a model, the larger of 1e-5 and 50× the
+    relative asymmetry the symmetry probe measured — the
     products' own rounding noise, below which a measured residual cannot go (a default that ends in
     exit 4 on a well-posed problem would be a bug)."""
     dtype = str(src.meta.get("dtype") or "float64")
@@ -297,7 +298,8 @@ def spectrum(
     ≤ ``tol``·‖H‖₂ (default: :func:`default_tol`, from the dtype and the products' measured noise).
 
     On a model: block Lanczos with thick restarts on Hessian-vector products (after a symmetry
-    probe), at most ``max_matvecs`` products per operator. On a ``compute`` result file: its stored
+    probe), at most ``max_matvecs`` products per operator for the iterations (whole blocks), plus
+    ``top_k`` to measure the returned pairs' residuals. On a ``compute`` result file: its stored
     eigenvalues, with no eigendecomposition (an ``eigh`` of the stored matrix only when
     ``eigenvectors`` are wanted and not stored). ``per_block``: the same for each diagonal block
     (``blocks``: module, layer, tensor), labelled block-diagonal.
@@ -419,7 +421,8 @@ def trace(
     kept = max(matvecs // 3, 2) if method in ("auto", "hutchpp", "xtrace") else 2  # vectors the estimator holds
     src = _source(source, data, per_block, blocks, "trace", comm, options,
                   lambda s: _plan(s, max_memory, comm, "trace", 1, 1, kept,
-                                  float64_only="lower --matvecs, or use --method hutchinson (two vectors)"))
+                                  float64_only="lower --matvecs, or use --method hutchinson (two vectors)",
+                                  ncv_name="--matvecs (Hutch++ keeps a third of them)"))
     progress = progress or NullProgress()
     seed = int(options.get("seed", 0)) if src.session is None else src.session.spec.seed
     results = []
@@ -496,7 +499,7 @@ def density(
     if runs < 1 or steps < 2:
         raise UsageError(f"--runs must be at least 1 and --steps at least 2 (got {runs}, {steps})")
     src = _source(source, data, per_block, blocks, "density", comm, options,
-                  lambda s: _plan(s, max_memory, comm, "density", 1, 1, steps + 1))
+                  lambda s: _plan(s, max_memory, comm, "density", 1, 1, steps + 1, ncv_name="--steps (SLQ keeps one vector a step)"))
     slq_kw = {} if src.plan is None else {"budget": src.plan.bytes["basis"],
                                           "basis_dtype": getattr(torch, src.plan.basis_dtype)}
     progress = progress or NullProgress()
@@ -563,8 +566,10 @@ def inspect(model: ModelLike, data: DataLike = None, **options: Any) -> InspectR
     loss. Returns an :class:`InspectResult`."""
     from hesscli.inspection import inspect_model
 
-    if isinstance(model, (Session, nn.Module)) or data is not None:
+    if isinstance(model, Session) or data is not None:
         return InspectResult(inspect_model(session_for(model, data, **options)))
+    if isinstance(model, nn.Module):  # no data: the module's parameters only (nothing is run)
+        return InspectResult(inspect_model(_spec(f"<{type(model).__qualname__}>", [], options), in_memory_model(model)))
     return InspectResult(inspect_model(_spec(model, [], options)))
 
 

@@ -6,7 +6,7 @@ import re
 
 from hesscli.algorithms.dense import dense_bytes
 from hesscli.errors import UsageError
-from hesscli.io.loading import load_model, parse_arch_kwargs
+from hesscli.io.loading import LoadedModel, load_model, parse_arch_kwargs
 from hesscli.objective.core import param_blocks
 from hesscli.objective.ties import tied_parameters
 from hesscli.runtime.memory import default_budget
@@ -16,9 +16,10 @@ __all__ = ["inspect_model"]
 
 
 
-def inspect_model(spec: ModelSpec | Session) -> dict:
+def inspect_model(spec: ModelSpec | Session, loaded: LoadedModel | None = None) -> dict:
     """The facts ``hesscli inspect`` shows, as a JSON-ready dict: parameters, blocks, dense bytes
-    (full and block mode) against the default budget, and with data (an open ``Session``) the loss."""
+    (full and block mode) against the default budget, and with data (an open ``Session``) the loss.
+    ``loaded``: an already loaded model (a caller's module) instead of the file ``spec.model``."""
     import torch
 
     session = spec if isinstance(spec, Session) else None
@@ -31,7 +32,7 @@ def inspect_model(spec: ModelSpec | Session) -> dict:
         device = obj.device
     else:
         kwargs = parse_arch_kwargs(spec.arch_kwargs) if isinstance(spec.arch_kwargs, str) else spec.arch_kwargs
-        lm = load_model(spec.model, spec.arch, kwargs, spec.trust_code)
+        lm = loaded if loaded is not None else load_model(spec.model, spec.arch, kwargs, spec.trust_code)
         named = lm.named_parameters()
         frozen = {n for n, p in named if not p.requires_grad}
         tied = tied_parameters(lm.module)

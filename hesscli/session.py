@@ -53,6 +53,7 @@ class Session:
     setup_seconds: float
     comm: object | None = None
     all_data: Dataset | None = None  # the whole data set when ``data`` is this rank's part
+    probe: tuple[float, str, int] | None = None  # the symmetry probe (value, where, products), once per session
 
 
 def open_session(

@@ -83,10 +83,13 @@ class Source:
         """'block-diagonal' for per-block answers (they describe H's diagonal blocks, not H), else None."""
         return BLOCK_DIAGONAL if self.per_block else None
 
+    hvps_start: int = 0  # the model's product count when this call began
+
     @property
     def hvps(self) -> int:
-        """Hessian-vector products the model has computed so far (0 for a result file)."""
-        return int(self.session.objective.hvps) if self.session is not None else 0
+        """Hessian-vector products computed for this call, the symmetry probe included (0 for a
+        result file)."""
+        return int(self.session.objective.hvps) - self.hvps_start if self.session is not None else 0
 
     def block_index(self) -> dict:
         """SPEC's index arrays: parameters, and the targets as blocks."""
@@ -155,7 +158,10 @@ def model_source(session: Session, per_block: bool, command: str, blocks: str = 
     t0 = time.perf_counter()
     obj = session.objective
     h0 = obj.hvps
-    probe, where = obj.symmetry_probe(session.spec.seed, chunk=plan.probe_chunk if plan is not None else 8)
+    if session.probe is None:  # once per session: a reused session was checked by its first call
+        probe, where = obj.symmetry_probe(session.spec.seed, chunk=plan.probe_chunk if plan is not None else 8)
+        session.probe = (probe, where, obj.hvps - h0)
+    probe, where, _ = session.probe
     tol = asymmetry_tolerance(obj.dtype)
     if not math.isfinite(probe):
         raise HesscliError(
@@ -170,6 +176,7 @@ def model_source(session: Session, per_block: bool, command: str, blocks: str = 
     extra = {"memory_plan": plan.describe(), **obj.graph_plan} if plan is not None else {}
     meta = build_meta(command, session=session, source={"kind": "model", "path": session.model.path},
                       symmetry_probe=probe, symmetry_probe_at=where, symmetry_probe_hvps=obj.hvps - h0,
+                      symmetry_probe_checked_by=("this call" if obj.hvps > h0 else "an earlier call of the session"),
                       mode="matrix-free", **extra)
     targets = [Target(b.name, b.start, b.stop, HessianOperator(obj, b if per_block else None))
                for b in obj.blocks(blocks if per_block else "all")]
@@ -178,7 +185,7 @@ def model_source(session: Session, per_block: bool, command: str, blocks: str = 
             t.op.chunk = int(comm.minimum(t.op.chunk))
     index = {"param_names": np.array(obj.names, dtype=str), "param_offsets": np.array(obj.offsets, dtype=np.int64)}
     return Source("model", session.model.path, targets, meta, per_block, index, time.perf_counter() - t0 + session.setup_seconds,
-                  session=session, plan=plan)
+                  session=session, plan=plan, hvps_start=h0)
 
 
 def missing(path: str | Path) -> HesscliError:

@@ -213,3 +213,31 @@ def test_track_json_lines_are_the_library_rows(cli, samples, tmp_path):
     rows = list(hesscli.track(ckpts, data))
     assert [row.step for row in rows] == [100, 110]
     assert [_strip(x) for x in lines] == [_strip(row.summary()) for row in rows]
+
+
+def test_a_reused_session_counts_each_calls_products_and_probes_once(samples):
+    s = hesscli.open_session(hesscli.ModelSpec(str(samples / "diabetes_mlp.pt"), data=[str(samples / "diabetes.pt")],
+                                               loss="mse"))
+    a = hesscli.spectrum(s, top_k=2)
+    t = hesscli.trace(s, method="hutchinson", matvecs=10)
+    b = hesscli.spectrum(s, top_k=2)
+    probe = a.meta["symmetry_probe_hvps"]
+    assert probe > 0 and a.meta["hvps"] == a.matvecs + probe
+    assert t.meta["hvps"] == 10 and t.meta["symmetry_probe_hvps"] == 0  # checked by the first call
+    assert b.meta["hvps"] == b.matvecs and b.meta["symmetry_probe"] == a.meta["symmetry_probe"]
+
+
+def test_inspect_an_in_memory_module_without_data(samples):
+    sys.path.insert(0, str(samples))
+    archs = importlib.import_module("archs")
+    r = hesscli.inspect(archs.DiabetesMLP())
+    assert r.n_params == sum(p.numel() for p in archs.DiabetesMLP().parameters())
+    assert r.summary()["model"]["format"] == "module"
+
+
+def test_a_budget_too_small_for_the_estimators_vectors_names_their_option(samples):
+    model, data = str(samples / "digits_mlp.pt"), str(samples / "digits.pt")
+    with pytest.raises(hesscli.MemoryBudgetError, match="--matvecs"):
+        hesscli.trace(model, data, matvecs=3000, max_memory="6MB")
+    with pytest.raises(hesscli.MemoryBudgetError, match="--steps"):
+        hesscli.density(model, data, steps=2000, max_memory="6MB")

@@ -77,14 +77,15 @@ def plan_matrix_free(
     ncv: int | None = None,
     graphs_kept: int = 1,
     what: str = "spectrum",
+    ncv_name: str = "--ncv",
 ) -> MatrixFreePlan:
     """Plan a matrix-free run on an operator of size ``n`` (P) whose products are of dtype size
     ``itemsize`` (bytes), each data piece's graph holding ``graph_bytes`` and ``graphs_kept`` of
     them resident, inside ``budget`` bytes, for ``k`` wanted pairs (trace and density: k = 1).
 
     ``block_size`` / ``ncv``: the user's choices, kept when they fit (a requested basis that does
-    not fit is an error, not silently shrunk). Raises :class:`MemoryBudgetError` naming the
-    minimum that would fit."""
+    not fit is an error, not silently shrunk; ``ncv_name`` says which option asked for it, e.g.
+    ``--steps`` for SLQ). Raises :class:`MemoryBudgetError` naming the minimum that would fit."""
     notes: list[str] = []
     graphs = graph_bytes * max(graphs_kept, 1)
     fixed = graphs + 2 * n * itemsize  # the graphs, and the parameters' and gradient's copies
@@ -101,7 +102,8 @@ def plan_matrix_free(
         raise MemoryBudgetError(
             f"{what} of P = {n:,} parameters needs at least {fmt_bytes(minimum)} (the gradient graph "
             f"{fmt_bytes(graphs)}, one Hessian-vector product {fmt_bytes(_product_bytes(1, n, itemsize, graph_bytes))}, "
-            f"{k + 3} float32 basis vectors {fmt_bytes(min_basis)}), over the budget of {fmt_bytes(budget)} "
+            f"{k + 3} float32 basis vectors {fmt_bytes(min_basis)}, parameter, gradient and work copies "
+            f"{fmt_bytes(2 * n * itemsize + work(1))}), over the budget of {fmt_bytes(budget)} "
             f"(--max-memory); raise --max-memory to {fmt_bytes(minimum)} or more, or lower --batch-size "
             "(a smaller graph) or --params"
         )
@@ -123,8 +125,9 @@ def plan_matrix_free(
     elif ncv is not None:
         if want * n * 4 > free:
             raise MemoryBudgetError(
-                f"--ncv {ncv} basis vectors need {fmt_bytes(want * n * 4)} in float32, more than the "
-                f"{fmt_bytes(max(free, 0))} the budget leaves; at most {max(free // (4 * n), 0)} fit"
+                f"{what} of P = {n:,} parameters keeps {want} vectors ({ncv_name}), {fmt_bytes(want * n * 4)} even in "
+                f"float32, more than the {fmt_bytes(max(free, 0))} the budget of {fmt_bytes(budget)} leaves "
+                f"(--max-memory); at most {max(free // (4 * n), 0)} fit: lower {ncv_name.split()[0]} or raise --max-memory"
             )
         m, dtype = want, "float32"
         notes.append(f"basis of {m} vectors stored in float32 (float64 does not fit the budget)")

@@ -66,7 +66,7 @@ def spectrum(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Number of eigenpairs.")] = 20,
     which: Annotated[Which, typer.Option("--which", help="largest, smallest, both (half each end) or magnitude.")] = Which.largest,
     tol: Annotated[Optional[float], typer.Option("--tol", help="Converged when ‖Hv − λv‖ ≤ tol·‖H‖₂ (default 1e-6 in float64; in float32 max(1e-5, 50 × the products' measured asymmetry)).")] = None,
-    max_matvecs: Annotated[Optional[int], typer.Option("--max-matvecs", min=1, help="Budget of products per operator (default max(1000, 50·k)).")] = None,
+    max_matvecs: Annotated[Optional[int], typer.Option("--max-matvecs", min=1, help="Budget of products per operator for the iterations, in whole blocks (default max(1000, 50·k)); measuring the k residuals adds k.")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", min=1, help="Vectors per Lanczos block (default min(4, k)); at least the multiplicity you expect.")] = None,
     per_block: Annotated[bool, typer.Option("--per-block", help=PER_BLOCK_HELP)] = False,
     blocks: BlocksOption = BlocksBy.module,

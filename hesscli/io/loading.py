@@ -168,7 +168,14 @@ def reason(e: BaseException, limit: int = 300) -> str:
     """``Type: message`` of a library's exception, on one line: the first line of the message only
     (torch appends C++ stack traces), ANSI codes removed, at most ``limit`` characters."""
     text = str(e).strip()
-    first = clean_message(text.splitlines()[0] if text else "")
+    lines = text.splitlines()
+    if lines and "TorchScript interpreter" in lines[0]:  # the cause is the traceback's last "...Error: ..." line
+        causes = [s.strip() for s in lines if s.strip() and s.strip().split(":")[0].endswith("Error")]
+        if causes:
+            kind, _, msg = causes[-1].partition(":")
+            first = clean_message(msg)
+            return f"{kind}: {first[: limit - 3] + '...' if len(first) > limit else first}"
+    first = clean_message(lines[0] if text else "")
     if len(first) > limit:
         first = first[: limit - 3] + "..."
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
