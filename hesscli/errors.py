@@ -11,6 +11,8 @@ __all__ = [
     "UsageError",
     "MemoryBudgetError",
     "Interrupted",
+    "interrupt_handled",
+    "on_interrupt_handled",
     "clean_message",
 ]
 
@@ -57,3 +59,18 @@ class Interrupted(BaseException):
     """SIGINT as the command line raises it (exit 130). Not a KeyboardInterrupt, which click would
     turn into an abort; the library catches both where it can keep what it has (spectrum's pairs
     found so far)."""
+
+
+_INTERRUPT_HANDLERS: list = []
+
+
+def on_interrupt_handled(callback) -> None:
+    """Register ``callback()`` to run when library code has caught an :class:`Interrupted` and
+    keeps its partial result (the command line stops re-sending the signal then)."""
+    _INTERRUPT_HANDLERS.append(callback)
+
+
+def interrupt_handled() -> None:
+    """Called by library code that caught a SIGINT and keeps what it has (spectrum's pairs)."""
+    for callback in _INTERRUPT_HANDLERS:
+        callback()

@@ -238,6 +238,6 @@ def test_inspect_an_in_memory_module_without_data(samples):
 def test_a_budget_too_small_for_the_estimators_vectors_names_their_option(samples):
     model, data = str(samples / "digits_mlp.pt"), str(samples / "digits.pt")
     with pytest.raises(hesscli.MemoryBudgetError, match="--matvecs"):
-        hesscli.trace(model, data, matvecs=3000, max_memory="6MB")
+        hesscli.trace(model, data, matvecs=30000, max_memory="40MB")
     with pytest.raises(hesscli.MemoryBudgetError, match="--steps"):
-        hesscli.density(model, data, steps=2000, max_memory="6MB")
+        hesscli.density(model, data, steps=20000, max_memory="40MB")

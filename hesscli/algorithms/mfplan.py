@@ -13,12 +13,19 @@ product) and how many of those graphs the objective keeps. From ``--max-memory``
 A budget that cannot hold the minimum — the graphs, one product of one vector and k + 3 float32
 basis vectors — is a :class:`~hesscli.errors.MemoryBudgetError` (exit 3) that says what would fit,
 raised before any product.
+
+The budget covers what the run allocates on top of the open session: the model's parameters and
+the data in memory when the plan is made are already there (0.7 GB for the 22.7M-parameter MiniLM
+classifier), so a process peaks near the budget plus that. Calibration (``bench/minilm.py``): a
+batched product of b vectors adds 2·b·P·itemsize + b·graph_bytes to within 5 %; the eigensolver's
+float64 temporaries are about 7 vectors per block vector.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from hesscli.algorithms.lanczos import SLAB_BYTES
 from hesscli.errors import MemoryBudgetError
 from hesscli.runtime.memory import fmt_bytes
 
@@ -87,12 +94,15 @@ def plan_matrix_free(
     not fit is an error, not silently shrunk; ``ncv_name`` says which option asked for it, e.g.
     ``--steps`` for SLQ). Raises :class:`MemoryBudgetError` naming the minimum that would fit."""
     notes: list[str] = []
-    graphs = graph_bytes * max(graphs_kept, 1)
-    fixed = graphs + 2 * n * itemsize  # the graphs, and the parameters' and gradient's copies
+    graphs = graph_bytes * max(graphs_kept, 1)  # a graph's bytes include its gradient (measured)
+    fixed = graphs
     k = max(1, min(k, n))
     b = block_size or int(min(4, k))
     min_basis = (k + 3) * n * 4
-    work = lambda b: 3 * b * n * 8  # noqa: E731 - residual, product and new block, float64
+    # the eigensolver's float64 temporaries per block vector (the block, its product, residual,
+    # projections and the new block: 7 measured at 22.7M parameters) and one widened slab of a
+    # float32 basis
+    work = lambda b: 7 * b * n * 8 + min(SLAB_BYTES, 64 * n * 8)  # noqa: E731
 
     def need(b: int, m: int, size: int) -> int:
         return fixed + _product_bytes(b, n, itemsize, graph_bytes) + m * n * size + work(b)
@@ -102,8 +112,8 @@ def plan_matrix_free(
         raise MemoryBudgetError(
             f"{what} of P = {n:,} parameters needs at least {fmt_bytes(minimum)} (the gradient graph "
             f"{fmt_bytes(graphs)}, one Hessian-vector product {fmt_bytes(_product_bytes(1, n, itemsize, graph_bytes))}, "
-            f"{k + 3} float32 basis vectors {fmt_bytes(min_basis)}, parameter, gradient and work copies "
-            f"{fmt_bytes(2 * n * itemsize + work(1))}), over the budget of {fmt_bytes(budget)} "
+            f"{k + 3} float32 basis vectors {fmt_bytes(min_basis)}, the eigensolver's float64 work "
+            f"{fmt_bytes(work(1))}), over the budget of {fmt_bytes(budget)} "
             f"(--max-memory); raise --max-memory to {fmt_bytes(minimum)} or more, or lower --batch-size "
             "(a smaller graph) or --params"
         )
@@ -144,10 +154,9 @@ def plan_matrix_free(
         if m < want:
             notes.append(f"basis of {m} vectors (default {want}): the budget holds no more; expect more restarts")
     size = 8 if dtype == "float64" else 4
-    probe_chunk = int(max(1, min(32, free // max(1, 2 * n * 8))))
+    probe_chunk = int(b)  # the probe's vectors are a batched product too: as many as a block's fit
     parts = {
         "graphs": int(graphs),
-        "parameters_and_gradient": int(2 * n * itemsize),
         "product": int(_product_bytes(b, n, itemsize, graph_bytes)),
         "basis": int(m * n * size),
         "work": int(work(b)),

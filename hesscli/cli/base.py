@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - older typer depends on click
     import click.exceptions as _cx
 
 from hesscli import __version__
-from hesscli.errors import HesscliError, Interrupted, UsageError, clean_message
+from hesscli.errors import HesscliError, Interrupted, UsageError, clean_message, on_interrupt_handled
 
 app = typer.Typer(
     name="hesscli",
@@ -356,6 +356,9 @@ def _watchdog() -> None:
 def acknowledge_signal() -> None:
     """A command that handled SIGINT itself (kept its partial result) stops the watchdog."""
     _acknowledge_signal()
+
+
+on_interrupt_handled(acknowledge_signal)  # library code that keeps a partial result acknowledges at once
 
 
 def _acknowledge_signal() -> None:
