@@ -94,12 +94,19 @@ def default_ncv(n: int, k: int, b: int, budget: int = BASIS_BUDGET) -> int:
 
 
 def _finish(op, theta, U, k_norm, tol, t0, mv0, restarts, method, b, eigenvectors) -> EigResult:
-    """Measure ‖Hu − θu‖ for the returned pairs (one batched product), sort ascending."""
+    """Measure ‖Hu − θu‖ for the returned pairs, sort ascending. The products are taken in the
+    operator's chunks and each is reduced to its residual at once: no (k, n) product matrix and
+    no (k, n) difference next to U (3.6 GB at k = 5 and 22.7M parameters before)."""
     order = np.argsort(theta, kind="stable")
     theta = theta[order]
     U = U[order]
-    HU = op.matmat(U)
-    res = torch.linalg.norm(HU - torch.as_tensor(theta, device=HU.device)[:, None] * U, dim=1).cpu().numpy()
+    res = np.empty(len(theta))
+    step = max(1, int(getattr(op, "chunk", 1) or 1))
+    for i in range(0, len(theta), step):
+        HU = op.matmat(U[i : i + step])
+        HU -= torch.as_tensor(theta[i : i + step], device=HU.device)[:, None] * U[i : i + step]
+        res[i : i + step] = torch.linalg.norm(HU, dim=1).cpu().numpy()
+        del HU
     conv = res <= tol * k_norm
     vecs = U.T.cpu().numpy() if eigenvectors else None
     notes = []

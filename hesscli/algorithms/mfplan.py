@@ -105,15 +105,15 @@ def plan_matrix_free(
     work = lambda b: 7 * b * n * 8 + min(SLAB_BYTES, 64 * n * 8)  # noqa: E731
 
     def need(b: int, m: int, size: int) -> int:
-        return fixed + _product_bytes(b, n, itemsize, graph_bytes) + m * n * size + work(b)
+        return fixed + k * n * 8 + _product_bytes(b, n, itemsize, graph_bytes) + m * n * size + work(b)
 
     minimum = need(1, k + 3, 4)
     if minimum > budget:
         raise MemoryBudgetError(
             f"{what} of P = {n:,} parameters needs at least {fmt_bytes(minimum)} (the gradient graph "
             f"{fmt_bytes(graphs)}, one Hessian-vector product {fmt_bytes(_product_bytes(1, n, itemsize, graph_bytes))}, "
-            f"{k + 3} float32 basis vectors {fmt_bytes(min_basis)}, the eigensolver's float64 work "
-            f"{fmt_bytes(work(1))}), over the budget of {fmt_bytes(budget)} "
+            f"{k + 3} float32 basis vectors {fmt_bytes(min_basis)}, the eigensolver's float64 work and "
+            f"Ritz vectors {fmt_bytes(work(1) + k * n * 8)}), over the budget of {fmt_bytes(budget)} "
             f"(--max-memory); raise --max-memory to {fmt_bytes(minimum)} or more, or lower --batch-size "
             "(a smaller graph) or --params"
         )
@@ -127,7 +127,7 @@ def plan_matrix_free(
             f"--block-size {b} needs {fmt_bytes(need(b, k + 3 * b, 4))} with the smallest basis, over the budget of "
             f"{fmt_bytes(budget)} (--max-memory); a block of 1 needs {fmt_bytes(minimum)}"
         )
-    free = budget - fixed - _product_bytes(b, n, itemsize, graph_bytes) - work(b)
+    free = budget - fixed - k * n * 8 - _product_bytes(b, n, itemsize, graph_bytes) - work(b)
     want = ncv if ncv is not None else WANT_NCV(k, b)
     want = min(want, n)
     if want * n * 8 <= free:
@@ -156,6 +156,7 @@ def plan_matrix_free(
     size = 8 if dtype == "float64" else 4
     probe_chunk = int(b)  # the probe's vectors are a batched product too: as many as a block's fit
     parts = {
+        "ritz_vectors": int(k * n * 8),  # the returned pairs' vectors, float64, next to the basis at the end
         "graphs": int(graphs),
         "product": int(_product_bytes(b, n, itemsize, graph_bytes)),
         "basis": int(m * n * size),
