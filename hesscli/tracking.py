@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from hesscli.api import DEFAULT_TOL
 from hesscli.errors import HesscliError, UsageError
 from hesscli.io.checkpoints import (
     Checkpoint,
@@ -429,7 +430,7 @@ class Tracking:
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1 (got {top_k})")
         if tol is None:  # as spectrum's default: above the products' rounding in float32 (1e-5·‖H‖₂)
-            tol = 1e-6 if options.get("dtype") == "float64" else 1e-5
+            tol = DEFAULT_TOL["float64" if options.get("dtype") == "float64" else "float32"]
         if not (tol > 0):
             raise UsageError(f"--tol must be positive (got {tol})")
         if trace_matvecs < 1:
