@@ -320,8 +320,8 @@ def spectrum(
     if tol is None:
         tol, tol_rule = default_tol(src)
     plan = src.plan
-    lanczos_kw = {} if plan is None else {"ncv": plan.ncv, "basis_dtype": getattr(torch, plan.basis_dtype)}
-    block_size = block_size if plan is None else plan.block_size
+    lanczos_kw = {} if plan is None else {"ncv": plan.ncv, "basis_dtype": getattr(torch, plan.basis_dtype),
+                                          "max_block": plan.block_size}
     progress = progress or NullProgress()
     seed = int(options.get("seed", 0)) if src.session is None else src.session.spec.seed
     results = []

@@ -75,6 +75,26 @@ def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     raise UsageError(f"--which '{which}': choose {', '.join(WHICH)}")
 
 
+def first_block_size(k: int, max_block: int | None = None) -> int:
+    """The block Lanczos starts with when no block size is given: min(2, k, ``max_block``). Two
+    vectors see a double eigenvalue at once; a cluster of as many coincident Ritz values as the
+    block has vectors then grows the block (up to ``max_block``, default :func:`default_block_size`)
+    to look for more copies. Measured (``bench/mlp1m_spectrum.py``, the 1.1M MLP, top 5 at 1e-4):
+    30, 37, 41, 49 products for blocks of 1, 2, 3, 4 (scipy ``eigsh``: 35); batching 2 or 4 vectors
+    saves 10–15 % per vector there, nothing at 22.7M (one vector per batched product fits)."""
+    cap = default_block_size(k) if max_block is None else max(1, int(max_block))
+    return int(max(1, min(2, k, cap)))
+
+
+def _largest_cluster(theta: np.ndarray, gap: float) -> int:
+    """The most values of sorted ``theta`` in one run whose neighbours are within ``gap``."""
+    run = best = 1 if len(theta) else 0
+    for d in np.diff(np.sort(theta)):
+        run = run + 1 if d <= gap else 1
+        best = max(best, run)
+    return best
+
+
 def default_block_size(k: int) -> int:
     """Vectors per block: min(4, k). Measured (``bench/large_model.py --compare-blocks``, 1 thread):
     on the digits MLP single vectors need the fewest products (top-20 largest, float64: 86, 98, 124,
@@ -94,21 +114,21 @@ def default_ncv(n: int, k: int, b: int, budget: int = BASIS_BUDGET) -> int:
 
 
 def _finish(op, theta, U, k_norm, tol, t0, mv0, restarts, method, b, eigenvectors) -> EigResult:
-    """Measure ‖Hu − θu‖ for the returned pairs, sort ascending. The products are taken in the
-    operator's chunks and each is reduced to its residual at once: no (k, n) product matrix and
-    no (k, n) difference next to U (3.6 GB at k = 5 and 22.7M parameters before)."""
-    order = np.argsort(theta, kind="stable")
-    theta = theta[order]
-    U = U[order]
+    """Measure ‖Hu − θu‖ for the returned pairs (rows of U, float64 or float32), sort ascending. The
+    products are taken in the operator's chunks, in U's dtype, and each is reduced to its residual
+    at once: no (k, n) product matrix, no (k, n) difference and no reordered copy of U next to it
+    (3.6 GB at k = 5 and 22.7M parameters before)."""
     res = np.empty(len(theta))
     step = max(1, int(getattr(op, "chunk", 1) or 1))
     for i in range(0, len(theta), step):
-        HU = op.matmat(U[i : i + step])
-        HU -= torch.as_tensor(theta[i : i + step], device=HU.device)[:, None] * U[i : i + step]
-        res[i : i + step] = torch.linalg.norm(HU, dim=1).cpu().numpy()
+        HU = op.matmat(U[i : i + step], dtype=U.dtype)
+        HU -= torch.as_tensor(theta[i : i + step], device=HU.device, dtype=HU.dtype)[:, None] * U[i : i + step]
+        res[i : i + step] = _row_norms(HU).cpu().numpy()
         del HU
+    order = np.argsort(theta, kind="stable")
+    theta, res = theta[order], res[order]
     conv = res <= tol * k_norm
-    vecs = U.T.cpu().numpy() if eigenvectors else None
+    vecs = U[torch.as_tensor(order, device=U.device)].T.cpu().numpy() if eigenvectors else None
     notes = []
     if method == "block-lanczos" and b > 0 and len(theta) >= b:
         close = np.abs(np.diff(theta)) <= max(tol, 1e3 * op.eps) * k_norm
@@ -196,17 +216,17 @@ def _slabs(m: int, n: int):
 
 
 def basis_coefficients(V: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """V Yᵀ in float64 (m, k) for a basis V (m, n) of any dtype and Y (k, n) float64. A float32
-    basis is widened a column slab at a time (at most ``SLAB_BYTES`` of float64), never copied
-    whole: the bench measured 1.46 GB of temporaries and 3 s per call at 22.7M parameters for
+    """V Yᵀ in float64 (m, k) for a basis V (m, n) and vectors Y (k, n), each float64 or float32.
+    Float32 operands are widened a column slab at a time (at most ``SLAB_BYTES`` of float64), never
+    copied whole: the bench measured 1.46 GB of temporaries and 3 s per call at 22.7M parameters for
     8-row slabs, 0.07 GB and 1 s for 32 MB column slabs."""
-    if V.dtype == torch.float64:
+    if V.dtype == torch.float64 and Y.dtype == torch.float64:
         return V @ Y.T
     out = torch.zeros(V.shape[0], Y.shape[0], dtype=torch.float64, device=V.device)
-    if V.shape[0] == 0:
+    if V.shape[0] == 0 or Y.shape[0] == 0:
         return out
-    for c in _slabs(V.shape[0], V.shape[1]):
-        out += V[:, c].to(torch.float64) @ Y[:, c].T
+    for c in _slabs(V.shape[0] + Y.shape[0], V.shape[1]):
+        out += V[:, c].to(torch.float64) @ Y[:, c].to(torch.float64).T
     return out
 
 
@@ -221,6 +241,27 @@ def basis_combination(C: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def project_out_(R: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """R −= Cᵀ V in place, for R (k, n) and a basis V (m, n) (float64 or float32 storage) and
+    coefficients C (m, k) float64. The arithmetic is float64 (a column slab at a time when either is
+    float32, the result rounded to R's dtype once); no (k, n) temporary."""
+    if V.shape[0] == 0 or R.shape[0] == 0:
+        return R
+    C = C.to(R.device)
+    if R.dtype == torch.float64 and V.dtype == torch.float64:
+        return R.addmm_(C.T, V, alpha=-1.0)
+    for c in _slabs(V.shape[0] + R.shape[0], V.shape[1]):
+        slab = R[:, c].to(torch.float64)
+        slab.addmm_(C.T, V[:, c].to(torch.float64), alpha=-1.0)
+        R[:, c] = slab
+    return R
+
+
+def _row_norms(R: torch.Tensor) -> torch.Tensor:
+    """‖r_i‖ of the rows of R (k, n), accumulated in float64 (no float64 copy of R)."""
+    return torch.linalg.vector_norm(R, dim=1, dtype=torch.float64)
+
+
 def _rotate_(buf: torch.Tensor, rows: int, St: torch.Tensor) -> None:
     """buf[:keep] = Stᵀ buf[:rows] in place, a slab of columns at a time (St: (rows, keep) float64):
     each slab of the new rows depends on the same slab of the old ones only, so no (keep, n) copy."""
@@ -232,40 +273,71 @@ def _rotate_(buf: torch.Tensor, rows: int, St: torch.Tensor) -> None:
 
 
 def _orth_block(R: torch.Tensor, V: torch.Tensor, gen: torch.Generator, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal rows X (⟂ V) and lower-triangular L with R = L X (R already ⟂ V). A direction
-    that vanishes (an invariant subspace, or fewer dimensions left than vectors) is replaced by a
-    random one with a zero coefficient in L."""
+    """Orthonormal rows X (⟂ V) and lower-triangular L (float64) with R = L X, for R (bx, n) already
+    orthogonalised against V (twice). X overwrites R (same dtype) on the common path: Cholesky QR
+    twice on the block's float64 Gram matrix (bx ≤ 4 rows: cheap), which keeps R's orthogonality
+    to V because the block is well conditioned; a block with a near-dependent or vanishing row
+    (an invariant subspace, fewer dimensions left than vectors, or a Gram matrix more than 1e4
+    conditioned) goes to :func:`_orth_block_careful`, vector by vector in float64."""
+    bx = R.shape[0]
+    floor = 1e-12 * max(scale, 1e-300)
+    eye = torch.eye(bx, dtype=torch.float64)
+    L = eye.clone()
+    try:
+        for _ in range(2):
+            G = basis_coefficients(R, R).cpu()
+            G = (G + G.T) / 2
+            d = torch.sqrt(torch.clamp(torch.diagonal(G), min=0.0))
+            if float(d.min()) <= floor or not bool(torch.isfinite(G).all()):
+                raise torch.linalg.LinAlgError("a vanishing direction")
+            Lk = torch.linalg.cholesky(G)
+            # a row that mostly cancels against the rows before it (‖r_i‖ ≫ its own new direction)
+            # would lose its orthogonality to V by that factor: the careful path instead
+            if float((d / torch.diagonal(Lk)).max()) > 1e2:
+                raise torch.linalg.LinAlgError("a near-dependent block")
+            _rotate_(R, bx, torch.linalg.solve_triangular(Lk, eye, upper=False).T)  # R ← L_k⁻¹ R in place
+            L = L @ Lk
+        return R, L
+    except (torch.linalg.LinAlgError, RuntimeError):
+        X, L2 = _orth_block_careful(R, V, gen, scale)
+        return X, L @ L2
+
+
+def _orth_block_careful(R: torch.Tensor, V: torch.Tensor, gen: torch.Generator,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_orth_block` vector by vector, in place on the rows of R (any dtype; float64
+    arithmetic a column slab at a time, no vector-sized temporary): each row orthogonalised twice
+    against the rows before it and against V. A direction that vanishes is replaced by a random
+    one with a zero coefficient in L."""
     bx, n = R.shape
     L = torch.zeros(bx, bx, dtype=torch.float64)
-    out: list[torch.Tensor] = []
     floor = 1e-12 * max(scale, 1e-300)
-    for i in range(bx):
-        r = R[i].clone()
+
+    def against_previous(i: int, coef: torch.Tensor | None) -> float:
+        r = R[i : i + 1]
         for _ in range(2):
-            if out:
-                Q = torch.stack(out)
-                c = Q @ r
-                r -= c @ Q
-                L[i, : len(out)] += c.cpu()
+            if i:
+                c = basis_coefficients(R[:i], r).cpu()
+                project_out_(r, c, R[:i])
+                if coef is not None:
+                    coef += c[:, 0]
             if V.shape[0]:
-                r -= basis_combination(basis_coefficients(V, r[None]), V)[0]
-        beta = float(r.norm())
+                project_out_(r, basis_coefficients(V, r).cpu(), V)
+        return float(_row_norms(r)[0])
+
+    for i in range(bx):
+        beta = against_previous(i, L[i, :i])
         if beta > floor:
             L[i, i] = beta
-            out.append(r / beta)
+            R[i] /= beta
             continue
         for _attempt in range(3):
-            r = torch.randn(n, generator=gen, dtype=torch.float64).to(R.device)
-            for _ in range(2):
-                if out:
-                    Q = torch.stack(out)
-                    r -= (Q @ r) @ Q
-                if V.shape[0]:
-                    r -= basis_combination(basis_coefficients(V, r[None]), V)[0]
-            if float(r.norm()) > 1e-8:
+            R[i] = torch.randn(n, generator=gen, dtype=R.dtype).to(R.device)
+            beta = against_previous(i, None)
+            if beta > 1e-8 * math.sqrt(n):
                 break
-        out.append(r / r.norm())
-    return torch.stack(out), L
+        R[i] /= beta
+    return R, L
 
 
 def _expected(history: list[tuple[int, float]], tol: float, max_mv: int) -> int:
@@ -309,6 +381,7 @@ def lanczos(
     progress: Progress | None = None,
     start: torch.Tensor | None = None,
     basis_dtype: torch.dtype = torch.float64,
+    max_block: int | None = None,
 ) -> EigResult:
     """The ``k`` wanted eigenpairs of ``op`` (``which``: largest, smallest, both, magnitude).
 
@@ -329,6 +402,12 @@ def lanczos(
     the reorthogonalisation still accumulate in float64 (the basis is widened a few rows at a
     time). A float32 basis is orthonormal to about 1e-7, which bounds how small a relative residual
     it can certify (a note says so when ``tol`` is below 1e-6).
+
+    ``block_size``: vectors per block, fixed. Without it the block starts at
+    :func:`first_block_size` and grows (to at most ``max_block``, default min(4, k): the memory
+    plan's) whenever the wanted Ritz values converge with a cluster of as many coincident values as
+    the block has vectors — a repeated eigenvalue may have more copies than the block can see; the
+    grown block brings them in (a note says so).
     """
     if which not in WHICH:
         raise UsageError(f"--which '{which}': choose {', '.join(WHICH)}")
@@ -338,20 +417,25 @@ def lanczos(
         raise UsageError(f"--tol must be positive (got {tol})")
     n = op.n
     k = min(k, n)
-    b = max(1, min(block_size or default_block_size(k), n))
+    adaptive = block_size is None
+    bmax = max(1, min(int(max_block) if max_block else default_block_size(k), n))
+    b = max(1, min(block_size if block_size else first_block_size(k, bmax), n))
     if start is not None:
         start = start.reshape(-1, n) if start.dim() == 1 else start
         if start.dim() != 2 or start.shape[1] != n:
             raise ValueError(f"lanczos: start vectors of shape {tuple(start.shape)}, expected (s, {n})")
         start = start[: n]
         b = max(b, start.shape[0])
-    m = ncv or default_ncv(n, k, b)
-    if isinstance(op, DenseOperator) or n <= m + 2 * b:
+    bmax = max(bmax, b) if adaptive else b
+    m = ncv or default_ncv(n, k, bmax)
+    if isinstance(op, DenseOperator) or n <= m + 2 * bmax:
         return dense_eigs(op, k, which, tol, eigenvectors, progress)
     max_mv = max_matvecs if max_matvecs is not None else max(1000, 50 * k)
     if max_mv < b:
         raise UsageError(f"--max-matvecs {max_mv} is less than one block of {b} products")
     n_keep = min(m - 2 * b, k + max(b, (m - 2 * b - k) // 2))
+    if m < k + 2 * bmax:
+        bmax = max(b, (m - k) // 2)  # a grown block must still fit the basis beside the wanted pairs
     t0 = time.perf_counter()
     mv0 = op.matvecs
     progress = progress or NullProgress()
@@ -374,11 +458,13 @@ def lanczos(
     restarts = 0
     theta = None
     history: list[tuple[int, float]] = []  # (products, log of the worst relative residual)
+    grown: list[str] = []  # notes: when the block grew
+    steps = grown_at = 0  # block steps taken; the step at which the block last grew
     try:
         while True:
             X = V[nmult:]
             bx = X.shape[0]
-            Y = op.matmat(X)
+            Y = op.matmat(X, dtype=basis_dtype)  # stored like the basis: becomes the residual, then the next block
             C = basis_coefficients(V, Y).cpu()  # (rows, bx): T[:, new block]
             rows = V.shape[0]
             Tn = torch.zeros(rows, rows, dtype=torch.float64)
@@ -387,34 +473,55 @@ def lanczos(
             Tn[nmult:, :nmult] = C[:nmult].T
             Tn[nmult:, nmult:] = (C[nmult:] + C[nmult:].T) / 2
             T, nmult = Tn, rows
-            R = Y - basis_combination(C.to(dev), V)
-            R -= basis_combination(basis_coefficients(V, R), V)
+            R = project_out_(Y, C, V)  # in place: R = HX − V·C, then once more against V (CGS2)
+            project_out_(R, basis_coefficients(V, R).cpu(), V)
+            del Y
             theta_t, S = torch.linalg.eigh(T)
             theta = theta_t.numpy()
             hnorm = float(np.abs(theta).max())
             Xnew, L = _orth_block(R, V, gen, hnorm)
+            del R
             est = torch.linalg.norm(L.T @ S[nmult - bx :, :], dim=0).numpy()
             want = select(theta, k, which)
             worst = float(est[want].max()) / max(hnorm, 1e-300)
             history.append((op.matvecs - mv0, math.log(max(worst, 1e-300))))
             progress.advance(bx, residual=f"{worst:.1e}", expected_total=_expected(history, tol, max_mv))
-            done = nmult >= k + b and worst <= tol
+            steps += 1
+            # after the block grew, its new directions get as many block steps as the first ones took
+            done = nmult >= k + b and worst <= tol and steps >= 2 * grown_at
+            grow = 0
+            if done and adaptive and b < bmax:
+                # converged with a cluster as large as the block: a repeated eigenvalue may have more
+                # copies than this block can see — grow the block with random directions and go on
+                near = select(theta, min(k + 1, len(theta)), which)
+                c = _largest_cluster(theta[near], max(tol, 1e3 * op.eps) * hnorm)
+                if c >= b:
+                    grow = min(2 * b, bmax) - b
+                    grown.append(f"block grown from {b} to {b + grow} vectors after {op.matvecs - mv0} products: "
+                                 f"{c} Ritz values coincided (a repeated eigenvalue may have more copies)")
+                    b += grow
+                    grown_at = steps
+                    n_keep = min(m - 2 * b, k + max(b, (m - 2 * b - k) // 2))
+                    done = False
             if done or op.matvecs - mv0 + b > max_mv:
                 break
-            if rows + b > m:  # thick restart: keep the wanted end of the spectrum
+            bx = Xnew.shape[0]
+            if rows + bx + grow > m:  # thick restart: keep the wanted end of the spectrum
                 keep = select(theta, n_keep, which)
                 St = S[:, torch.as_tensor(keep)].to(dev)
                 _rotate_(buf, rows, St)
-                buf[len(keep) : len(keep) + Xnew.shape[0]] = Xnew
-                V = buf[: len(keep) + Xnew.shape[0]]
+                at = len(keep)
                 T = torch.diag(theta_t[torch.as_tensor(keep)])
                 nmult = len(keep)
                 restarts += 1
             else:
-                buf[rows : rows + Xnew.shape[0]] = Xnew
-                V = buf[: rows + Xnew.shape[0]]
-        U = basis_combination(S[:, torch.as_tensor(want)].to(dev), V[:nmult])
-        U = U / torch.linalg.norm(U, dim=1, keepdim=True)
+                at = rows
+            buf[at : at + bx] = Xnew
+            del Xnew
+            if grow:  # random directions, orthogonal to all before them, in place in the basis
+                buf[at + bx : at + bx + grow] = torch.randn(grow, n, generator=gen, dtype=buf.dtype).to(dev)
+                _orth_block_careful(buf[at + bx : at + bx + grow], buf[: at + bx], gen, 1.0)
+            V = buf[: at + bx + grow]
     except (KeyboardInterrupt, Interrupted):
         if theta is None:  # not one block done: nothing to keep
             raise
@@ -423,7 +530,12 @@ def lanczos(
                             eigenvectors)
     finally:
         progress.stop()
+    # the Ritz vectors overwrite the basis (no (k, n) array beside it)
+    _rotate_(buf, nmult, S[:, torch.as_tensor(want)].to(dev))
+    U = buf[: len(want)]
+    U /= _row_norms(U).to(U.dtype)[:, None]
     res = _finish(op, theta[want], U, hnorm, tol, t0, mv0, restarts, "block-lanczos", b, eigenvectors)
+    res.notes[:0] = grown
     if basis_dtype != torch.float64:
         res.notes.append(f"basis of {m} vectors stored in {str(basis_dtype).replace('torch.', '')} (the memory plan)"
                          + ("; it is orthonormal to about 1e-7, so residuals below that are not certified"

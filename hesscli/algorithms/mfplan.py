@@ -17,8 +17,10 @@ raised before any product.
 The budget covers what the run allocates on top of the open session: the model's parameters and
 the data in memory when the plan is made are already there (0.7 GB for the 22.7M-parameter MiniLM
 classifier), so a process peaks near the budget plus that. Calibration (``bench/minilm.py``): a
-batched product of b vectors adds 2·b·P·itemsize + b·graph_bytes to within 5 %; the eigensolver's
-float64 temporaries are about 7 vectors per block vector.
+batched product of b vectors adds 2·b·P·itemsize + b·graph_bytes to within 5 %; a block is batched
+only as far as the Hessian operator's chunk goes (one vector at a time at 22.7M parameters); the
+eigensolver keeps its block's products in the basis dtype and works on them in place
+(:func:`work_bytes`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from hesscli.algorithms.lanczos import SLAB_BYTES
+from hesscli.algorithms.operators import default_chunk
 from hesscli.errors import MemoryBudgetError
 from hesscli.runtime.memory import fmt_bytes
 
@@ -74,6 +77,22 @@ def _product_bytes(b: int, n: int, itemsize: int, graph_bytes: int) -> int:
     return 2 * b * n * itemsize + b * graph_bytes
 
 
+def batch_of(b: int, n: int, itemsize: int, graph_bytes: int) -> int:
+    """How many of a block's b vectors go into one batched product: the Hessian operator's chunk
+    (:func:`~hesscli.algorithms.operators.default_chunk`: about 256 MB of work per batch), so at
+    22.7M parameters a block is taken one vector at a time and costs one vector's product memory."""
+    return int(max(1, min(b, default_chunk(n, itemsize, graph_bytes))))
+
+
+def work_bytes(b: int, n: int, size: int) -> int:
+    """The eigensolver's own vectors beside its basis, for a block of b and a basis of ``size``-byte
+    numbers: the block's products (b·n, stored like the basis: they become the residual and then
+    the next block in place; growing the block adds as many), and three float64 column slabs (the
+    widened basis, the block, a rotation): every re-orthogonalisation works in place a slab at a
+    time."""
+    return b * n * size + 3 * min(SLAB_BYTES, 64 * n * 8)
+
+
 def plan_matrix_free(
     n: int,
     itemsize: int,
@@ -85,6 +104,7 @@ def plan_matrix_free(
     graphs_kept: int = 1,
     what: str = "spectrum",
     ncv_name: str = "--ncv",
+    eigenvectors: bool = False,
 ) -> MatrixFreePlan:
     """Plan a matrix-free run on an operator of size ``n`` (P) whose products are of dtype size
     ``itemsize`` (bytes), each data piece's graph holding ``graph_bytes`` and ``graphs_kept`` of
@@ -92,28 +112,31 @@ def plan_matrix_free(
 
     ``block_size`` / ``ncv``: the user's choices, kept when they fit (a requested basis that does
     not fit is an error, not silently shrunk; ``ncv_name`` says which option asked for it, e.g.
-    ``--steps`` for SLQ). Raises :class:`MemoryBudgetError` naming the minimum that would fit."""
+    ``--steps`` for SLQ). Without ``block_size`` the plan's block is the largest Lanczos may grow to
+    (min(4, k), lowered until it fits). ``eigenvectors``: the k returned vectors are copied out
+    (float64) at the end; otherwise the Ritz vectors overwrite the basis and cost nothing more.
+    Raises :class:`MemoryBudgetError` naming the minimum that would fit."""
     notes: list[str] = []
     graphs = graph_bytes * max(graphs_kept, 1)  # a graph's bytes include its gradient (measured)
     fixed = graphs
     k = max(1, min(k, n))
     b = block_size or int(min(4, k))
+    ritz = k * n * 8 if eigenvectors else 0
     min_basis = (k + 3) * n * 4
-    # the eigensolver's float64 temporaries per block vector (the block, its product, residual,
-    # projections and the new block: 7 measured at 22.7M parameters) and one widened slab of a
-    # float32 basis
-    work = lambda b: 7 * b * n * 8 + min(SLAB_BYTES, 64 * n * 8)  # noqa: E731
+
+    def product(b: int) -> int:
+        return _product_bytes(batch_of(b, n, itemsize, graph_bytes), n, itemsize, graph_bytes)
 
     def need(b: int, m: int, size: int) -> int:
-        return fixed + k * n * 8 + _product_bytes(b, n, itemsize, graph_bytes) + m * n * size + work(b)
+        return fixed + ritz + product(b) + m * n * size + work_bytes(b, n, size)
 
     minimum = need(1, k + 3, 4)
     if minimum > budget:
         raise MemoryBudgetError(
             f"{what} of P = {n:,} parameters needs at least {fmt_bytes(minimum)} (the gradient graph "
-            f"{fmt_bytes(graphs)}, one Hessian-vector product {fmt_bytes(_product_bytes(1, n, itemsize, graph_bytes))}, "
-            f"{k + 3} float32 basis vectors {fmt_bytes(min_basis)}, the eigensolver's float64 work and "
-            f"Ritz vectors {fmt_bytes(work(1) + k * n * 8)}), over the budget of {fmt_bytes(budget)} "
+            f"{fmt_bytes(graphs)}, one Hessian-vector product {fmt_bytes(product(1))}, "
+            f"{k + 3} float32 basis vectors {fmt_bytes(min_basis)}, the eigensolver's work vectors "
+            f"{fmt_bytes(work_bytes(1, n, 4) + ritz)}), over the budget of {fmt_bytes(budget)} "
             f"(--max-memory); raise --max-memory to {fmt_bytes(minimum)} or more, or lower --batch-size "
             "(a smaller graph) or --params"
         )
@@ -121,28 +144,29 @@ def plan_matrix_free(
         while b > 1 and need(b, k + 3 * b, 4) > budget:
             b -= 1
         if b < min(4, k):
-            notes.append(f"block size {b} (default {min(4, k)}): a larger block's product does not fit")
+            notes.append(f"block size at most {b} (default up to {min(4, k)}): a larger block does not fit")
     elif need(b, k + 3 * b, 4) > budget:
         raise MemoryBudgetError(
             f"--block-size {b} needs {fmt_bytes(need(b, k + 3 * b, 4))} with the smallest basis, over the budget of "
             f"{fmt_bytes(budget)} (--max-memory); a block of 1 needs {fmt_bytes(minimum)}"
         )
-    free = budget - fixed - k * n * 8 - _product_bytes(b, n, itemsize, graph_bytes) - work(b)
     want = ncv if ncv is not None else WANT_NCV(k, b)
     want = min(want, n)
-    if want * n * 8 <= free:
+    free64 = budget - fixed - ritz - product(b) - work_bytes(b, n, 8)
+    free32 = budget - fixed - ritz - product(b) - work_bytes(b, n, 4)
+    if want * n * 8 <= free64:
         m, dtype = want, "float64"
     elif ncv is not None:
-        if want * n * 4 > free:
+        if want * n * 4 > free32:
             raise MemoryBudgetError(
                 f"{what} of P = {n:,} parameters keeps {want} vectors ({ncv_name}), {fmt_bytes(want * n * 4)} even in "
-                f"float32, more than the {fmt_bytes(max(free, 0))} the budget of {fmt_bytes(budget)} leaves "
-                f"(--max-memory); at most {max(free // (4 * n), 0)} fit: lower {ncv_name.split()[0]} or raise --max-memory"
+                f"float32, more than the {fmt_bytes(max(free32, 0))} the budget of {fmt_bytes(budget)} leaves "
+                f"(--max-memory); at most {max(free32 // (4 * n), 0)} fit: lower {ncv_name.split()[0]} or raise --max-memory"
             )
         m, dtype = want, "float32"
         notes.append(f"basis of {m} vectors stored in float32 (float64 does not fit the budget)")
     else:
-        m64, m32 = free // (8 * n), free // (4 * n)
+        m64, m32 = max(free64, 0) // (8 * n), max(free32, 0) // (4 * n)
         enough = min(want, max(2 * k + 2 * b, k + 6 * b, 32))  # a float64 basis this large restarts little
         if m64 < enough and m32 > m64:
             m, dtype = int(min(want, m32)), "float32"
@@ -154,13 +178,13 @@ def plan_matrix_free(
         if m < want:
             notes.append(f"basis of {m} vectors (default {want}): the budget holds no more; expect more restarts")
     size = 8 if dtype == "float64" else 4
-    probe_chunk = int(b)  # the probe's vectors are a batched product too: as many as a block's fit
+    probe_chunk = batch_of(b, n, itemsize, graph_bytes)  # the probe's vectors are batched products too
     parts = {
-        "ritz_vectors": int(k * n * 8),  # the returned pairs' vectors, float64, next to the basis at the end
+        "ritz_vectors": int(ritz),  # --eigenvectors: the returned vectors copied out, float64
         "graphs": int(graphs),
-        "product": int(_product_bytes(b, n, itemsize, graph_bytes)),
+        "product": int(product(b)),
         "basis": int(m * n * size),
-        "work": int(work(b)),
+        "work": int(work_bytes(b, n, size)),
     }
     return MatrixFreePlan(int(budget), int(n), int(itemsize), int(graph_bytes), int(graphs_kept), int(b), int(m),
                           dtype, probe_chunk, parts, notes)

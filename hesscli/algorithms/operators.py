@@ -1,7 +1,7 @@
 """Symmetric linear operators for the matrix-free algorithms (Lanczos, trace, density).
 
-One interface, :class:`SymOperator`: ``matmat(V)`` maps a block of row vectors V (k, n), float64,
-to H·V (k, n), float64. Two kinds plug into it:
+One interface, :class:`SymOperator`: ``matmat(V)`` maps a block of row vectors V (k, n) to H·V
+(k, n), float64 (or the narrower dtype a caller that stores its vectors in float32 asks for). Two kinds plug into it:
 
 - :class:`HessianOperator`: the Hessian of an :class:`~hesscli.objective.core.Objective` through its
   batched Hessian-vector products, or its diagonal block on one parameter group (vectors restricted
@@ -45,17 +45,29 @@ class SymOperator:
     def _apply(self, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """H·V for the rows of V, shape (k, n) or (n,); float64 on ``self.device``."""
+    def matmat(self, V: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """H·V for the rows of V, shape (k, n) or (n,), returned in ``dtype`` (float64 unless the
+        caller stores its vectors narrower) on ``self.device``.
+
+        Memory: V is handed to the products in the operator's own dtype (no copy when it already is,
+        e.g. rows of a float32 Lanczos basis for float32 products), and each chunk's products are
+        written into one preallocated (k, n) result — no float64 copy of the input and no list of
+        chunks concatenated at the end."""
         single = V.dim() == 1
         Vb = V.reshape(1, -1) if single else V
         if Vb.shape[-1] != self.n:
             raise ValueError(f"matmat: vectors of length {Vb.shape[-1]}, expected n = {self.n}")
-        Vb = Vb.to(self.device, torch.float64)
-        outs = [self._apply(Vb[i : i + self.chunk]).to(torch.float64) for i in range(0, Vb.shape[0], self.chunk)]
+        Vb = Vb.to(self.device, self.product_dtype)
+        out = torch.empty(Vb.shape[0], self.n, dtype=dtype, device=self.device)
+        for i in range(0, Vb.shape[0], self.chunk):
+            out[i : i + self.chunk] = self._apply(Vb[i : i + self.chunk])
         self.matvecs += Vb.shape[0]
-        out = torch.cat(outs, 0) if outs else Vb.clone()
         return out[0] if single else out
+
+    @property
+    def product_dtype(self) -> torch.dtype:
+        """The dtype the vectors are handed to the products in: the products' own."""
+        return self.dtype
 
     @property
     def eps(self) -> float:
@@ -97,6 +109,11 @@ class DenseOperator(SymOperator):
         self.H = src.to(torch.float64)
         self.n = self.H.shape[0]
         self.chunk = 1 << 20
+
+    @property
+    def product_dtype(self) -> torch.dtype:
+        """float64: the stored matrix is multiplied in float64 whatever precision it was stored in."""
+        return torch.float64
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
         return V @ self.H
