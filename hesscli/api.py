@@ -92,7 +92,8 @@ def session_for(model: ModelLike, data: DataLike = None, comm=None, split: str =
 
 
 def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size: int | None = None,
-          ncv: int | None = None, float64_only: str | None = None, ncv_name: str = "--ncv") -> MatrixFreePlan:
+          ncv: int | None = None, float64_only: str | None = None, ncv_name: str = "--ncv",
+          eigenvectors: bool = False) -> MatrixFreePlan:
     """The memory plan of a matrix-free command on an open model, before any product: one data
     piece's gradient graph is measured (a forward and backward pass), the solver's vectors are
     sized to ``max_memory``, and whatever is left decides whether every piece's graph is kept
@@ -107,7 +108,7 @@ def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size:
     with stage(comm):
         graph = obj.measure_linearization()
         itemsize = torch.empty((), dtype=obj.dtype).element_size()
-        plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, 1, what, ncv_name)
+        plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, 1, what, ncv_name, eigenvectors)
         if float64_only and plan.basis_dtype != "float64":
             need = plan.total - plan.bytes["basis"] + plan.ncv * obj.P * 8
             raise MemoryBudgetError(
@@ -116,7 +117,8 @@ def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size:
             )
         graphs = obj.plan_graphs(max(budget - (plan.total - plan.bytes["graphs"]), 0))
         if graphs["graph_policy"] == "kept" and obj.n_pieces() > 1:
-            plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, obj.n_pieces(), what, ncv_name)
+            plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, obj.n_pieces(), what, ncv_name,
+                                    eigenvectors)
     return plan
 
 
@@ -315,7 +317,7 @@ def spectrum(
     if tol is not None and not (tol > 0):
         raise UsageError(f"--tol must be positive (got {tol})")
     src = _source(source, data, per_block, blocks, "spectrum", comm, options,
-                  lambda s: _plan(s, max_memory, comm, "spectrum", top_k, block_size))
+                  lambda s: _plan(s, max_memory, comm, "spectrum", top_k, block_size, eigenvectors=eigenvectors))
     tol_rule = "given"
     if tol is None:
         tol, tol_rule = default_tol(src)

@@ -177,3 +177,60 @@ def test_symmetry_probe_in_chunks_is_the_same_probe(samples):
     b = s.objective.symmetry_probe(0, chunk=32)
     assert a[1] == b[1] and a[0] == pytest.approx(b[0], rel=1e-6, abs=1e-15)
     assert a[0] < 1e-10
+
+
+class Float32Diagonal(Diagonal):
+    """The diagonal operator with float32 products that records what it is handed."""
+
+    def __init__(self, d, seed=0):
+        super().__init__(d, seed)
+        self.dtype = torch.float32
+        self.seen: list[tuple[torch.dtype, int]] = []
+
+    def _apply(self, V):
+        self.seen.append((V.dtype, V.data_ptr()))
+        return super()._apply(V.to(torch.float64)).to(torch.float32)
+
+
+def test_float32_basis_is_handed_to_the_products_without_a_copy():
+    """A float32 basis for float32 products: each block goes to the products as a view of the basis
+    (the pointer of a basis row, no float64 or float32 copy), and the answers stay the float64 ones."""
+    rng = np.random.default_rng(1)
+    d = np.concatenate([[9.0, 8.0, 7.5, 7.0, 6.0], rng.uniform(-1, 1, 3000)])
+    op = Float32Diagonal(d)
+    r = lanczos(op, 5, tol=1e-5, ncv=30, basis_dtype=torch.float32)
+    assert r.converged.all()
+    np.testing.assert_allclose(r.eigenvalues, np.sort(d)[-5:], atol=1e-5 * 9)
+    assert all(dt == torch.float32 for dt, _ in op.seen)
+    # the first block is the basis's first rows, the next ones follow them: the pointers step by whole rows
+    ptrs = [p for _, p in op.seen[:4]]
+    assert all((p - ptrs[0]) % (4 * op.n) == 0 for p in ptrs)
+
+
+def test_block_starts_at_two_and_grows_only_on_a_cluster():
+    """Distinct eigenvalues: the block stays at 2 (fewer products than a block of 4); an eigenvalue
+    four times: the block grows to 4 and all four copies come back, with a note."""
+    rng = np.random.default_rng(2)
+    d = np.concatenate([[9.0, 8.0, 7.5, 7.0, 6.0], rng.uniform(-1, 1, 2000)])
+    r2 = lanczos(Diagonal(d), 5, tol=1e-8)
+    r4 = lanczos(Diagonal(d), 5, tol=1e-8, block_size=4)
+    assert r2.block_size == 2 and r2.converged.all() and r2.matvecs < r4.matvecs
+    np.testing.assert_allclose(r2.eigenvalues, np.sort(d)[-5:], atol=1e-7 * 9)
+    assert not any("grown" in s for s in r2.notes)
+    d4 = np.concatenate([[9.0] * 4, [8.0, 7.0], rng.uniform(-1, 1, 2000)])
+    r = lanczos(Diagonal(d4), 6, tol=1e-8)
+    np.testing.assert_allclose(r.eigenvalues, np.sort(d4)[-6:], atol=1e-7 * 9)
+    assert r.block_size == 4 and any("block grown from 2 to 4" in s for s in r.notes)
+
+
+def test_plan_counts_a_block_as_the_operators_batches():
+    """At 22.7M parameters one vector per batched product fits the operator's chunk: a block of 4
+    costs one vector's product memory (the bench's calibration), so the 5 GB budget keeps a block
+    of up to 4 and a float32 basis; the 3 GB budget fits (it was refused before) with b ≤ 2."""
+    P, graph = 22_713_986, 719_530_000
+    p5 = plan_matrix_free(P, 4, graph, 5_000_000_000, k=5)
+    assert p5.block_size == 4 and p5.basis_dtype == "float32" and p5.ncv >= 20 and p5.total <= 5e9
+    assert p5.bytes["product"] == 2 * P * 4 + graph and p5.probe_chunk == 1
+    p3 = plan_matrix_free(P, 4, graph, 3_000_000_000, k=5)
+    assert p3.block_size <= 2 and p3.ncv >= 5 + 3 * p3.block_size and p3.total <= 3e9
+    assert plan_matrix_free(P, 4, graph, 5_000_000_000, k=5, eigenvectors=True).bytes["ritz_vectors"] == 5 * P * 8
