@@ -91,6 +91,34 @@ def session_for(model: ModelLike, data: DataLike = None, comm=None, split: str =
     return open_session(spec, comm, split, dataset=ds)
 
 
+def _plan_micro_batched(session: Session, budget: int, make) -> MatrixFreePlan:
+    """``make(graph_bytes)`` on one piece's measured gradient graph; when the whole batch's graph and
+    product do not fit (``make`` raises :class:`MemoryBudgetError`) and the user set no
+    ``--batch-size``, the data is cut into micro-batches half as large, the graph measured again,
+    until the plan fits (then a note says so) or single samples do not (their refusal is raised: the
+    least budget that would do). Each halving costs one forward and backward pass of one piece."""
+    obj = session.objective
+    try:
+        return make(obj.measure_linearization())
+    except MemoryBudgetError as first:
+        if session.spec.batch_size is not None or not obj.can_rebatch():
+            raise
+        size, last = obj.largest_piece(), first
+        while size > 1:
+            size = (size + 1) // 2
+            obj.rebatch(size)
+            try:
+                plan = make(obj.measure_linearization())
+            except MemoryBudgetError as e:
+                last = e
+                continue
+            plan.notes.append(f"micro-batches of {size} samples ({obj.n_pieces()} pieces): the whole batch's gradient "
+                              f"graph and product do not fit the budget of {fmt_bytes(budget)}")
+            plan.micro_batch = size
+            return plan
+        raise last from None  # what the smallest micro-batches would need
+
+
 def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size: int | None = None,
           ncv: int | None = None, float64_only: str | None = None, ncv_name: str = "--ncv",
           eigenvectors: bool = False) -> MatrixFreePlan:
@@ -106,9 +134,10 @@ def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size:
     if comm is not None:
         budget = int(comm.minimum(budget))
     with stage(comm):
-        graph = obj.measure_linearization()
         itemsize = torch.empty((), dtype=obj.dtype).element_size()
-        plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, 1, what, ncv_name, eigenvectors)
+        plan = _plan_micro_batched(session, budget, lambda graph: plan_matrix_free(
+            obj.P, itemsize, graph, budget, k, block_size, ncv, 1, what, ncv_name, eigenvectors))
+        graph = obj.linearization_bytes
         if float64_only and plan.basis_dtype != "float64":
             need = plan.total - plan.bytes["basis"] + plan.ncv * obj.P * 8
             raise MemoryBudgetError(
@@ -117,8 +146,11 @@ def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size:
             )
         graphs = obj.plan_graphs(max(budget - (plan.total - plan.bytes["graphs"]), 0))
         if graphs["graph_policy"] == "kept" and obj.n_pieces() > 1:
+            first = plan
             plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, obj.n_pieces(), what, ncv_name,
                                     eigenvectors)
+            plan.micro_batch = first.micro_batch
+            plan.notes[:0] = [n for n in first.notes if n.startswith("micro-batches")]
     return plan
 
 

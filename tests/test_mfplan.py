@@ -68,13 +68,13 @@ def test_budget_too_small_is_exit_3_before_any_product(samples, monkeypatch, cli
 
     monkeypatch.setattr(Objective, "products", no_products)
     model, data = samples / "digits_cnn.pt", samples / "digits_images.pt"
-    for call in (lambda: hesscli.spectrum(str(model), str(data), top_k=3, max_memory="3MB"),
-                 lambda: hesscli.trace(str(model), str(data), max_memory="3MB"),
-                 lambda: hesscli.density(str(model), str(data), max_memory="3MB")):
+    for call in (lambda: hesscli.spectrum(str(model), str(data), top_k=3, max_memory="200KB"),
+                 lambda: hesscli.trace(str(model), str(data), max_memory="200KB"),
+                 lambda: hesscli.density(str(model), str(data), max_memory="200KB")):
         with pytest.raises(MemoryBudgetError, match="raise --max-memory to"):
             call()
     out = tmp_path / "s.npz"
-    r = cli("spectrum", model, "--data", data, "--max-memory", "3MB", "-o", out)
+    r = cli("spectrum", model, "--data", data, "--max-memory", "200KB", "-o", out)
     assert r.code == 3 and r.err.count("\n") == 1 and "--max-memory" in r.err and not out.exists()
 
 
@@ -226,11 +226,33 @@ def test_block_starts_at_two_and_grows_only_on_a_cluster():
 def test_plan_counts_a_block_as_the_operators_batches():
     """At 22.7M parameters one vector per batched product fits the operator's chunk: a block of 4
     costs one vector's product memory (the bench's calibration), so the 5 GB budget keeps a block
-    of up to 4 and a float32 basis; the 3 GB budget fits (it was refused before) with b ≤ 2."""
+    of up to 4 and a float32 basis. 3 GB cannot hold the whole batch's graph (0.72 GB), a product
+    and the smallest reliable basis (2k + 2 vectors); with the graph of half the batch it can."""
     P, graph = 22_713_986, 719_530_000
     p5 = plan_matrix_free(P, 4, graph, 5_000_000_000, k=5)
     assert p5.block_size == 4 and p5.basis_dtype == "float32" and p5.ncv >= 20 and p5.total <= 5e9
     assert p5.bytes["product"] == 2 * P * 4 + graph and p5.probe_chunk == 1
-    p3 = plan_matrix_free(P, 4, graph, 3_000_000_000, k=5)
-    assert p3.block_size <= 2 and p3.ncv >= 5 + 3 * p3.block_size and p3.total <= 3e9
+    with pytest.raises(MemoryBudgetError, match="12 float32 basis vectors"):
+        plan_matrix_free(P, 4, graph, 3_000_000_000, k=5)
+    p3 = plan_matrix_free(P, 4, 405_211_324, 3_000_000_000, k=5)
+    assert p3.block_size <= 2 and p3.ncv >= 2 * 5 + 2 * p3.block_size and p3.total <= 3e9
     assert plan_matrix_free(P, 4, graph, 5_000_000_000, k=5, eigenvectors=True).bytes["ritz_vectors"] == 5 * P * 8
+
+
+def test_a_budget_below_the_whole_batch_cuts_micro_batches(samples):
+    """No --batch-size and a budget that cannot hold the whole batch's graph and product: the plan
+    cuts the data into micro-batches until it fits (a note, ``memory_plan.micro_batch``), and the
+    answer is the whole batch's."""
+    model, data = str(samples / "digits_cnn.pt"), str(samples / "digits_images.pt")
+    whole = hesscli.spectrum(model, data, top_k=2, tol=1e-5)
+    graph = whole.meta["graph_bytes"]
+    plan = whole.meta["memory_plan"]
+    assert plan["micro_batch"] is None
+    # a budget that holds everything but the whole batch's graph and product
+    budget = plan["total"] - plan["bytes"]["graphs"] - plan["bytes"]["product"] + graph // 2
+    cut = hesscli.spectrum(model, data, top_k=2, tol=1e-5, max_memory=int(budget))
+    mp = cut.meta["memory_plan"]
+    assert mp["micro_batch"] is not None and mp["micro_batch"] < 1797 and mp["total"] <= budget
+    assert any(n.startswith("micro-batches of") for n in mp["notes"])
+    assert cut.meta["graph_pieces"] > 1
+    np.testing.assert_allclose(cut.eigenvalues, whole.eigenvalues, rtol=2e-5)

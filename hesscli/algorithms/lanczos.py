@@ -258,8 +258,15 @@ def project_out_(R: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> torch.Ten
 
 
 def _row_norms(R: torch.Tensor) -> torch.Tensor:
-    """‖r_i‖ of the rows of R (k, n), accumulated in float64 (no float64 copy of R)."""
-    return torch.linalg.vector_norm(R, dim=1, dtype=torch.float64)
+    """‖r_i‖ of the rows of R (k, n), accumulated in float64 a column slab at a time
+    (``vector_norm(..., dtype=float64)`` would first copy all of R to float64: 0.9 GB for five
+    vectors at 22.7M parameters)."""
+    if R.dtype == torch.float64:
+        return torch.linalg.vector_norm(R, dim=1)
+    sq = torch.zeros(R.shape[0], dtype=torch.float64, device=R.device)
+    for c in _slabs(R.shape[0], R.shape[1]):
+        sq += R[:, c].to(torch.float64).square().sum(1)
+    return sq.sqrt()
 
 
 def _rotate_(buf: torch.Tensor, rows: int, St: torch.Tensor) -> None:

@@ -10,8 +10,8 @@ product) and how many of those graphs the objective keeps. From ``--max-memory``
   float32 storage (the projection T and every coefficient still accumulate in float64);
 - the chunk of probe vectors for the symmetry probe.
 
-A budget that cannot hold the minimum — the graphs, one product of one vector and k + 3 float32
-basis vectors — is a :class:`~hesscli.errors.MemoryBudgetError` (exit 3) that says what would fit,
+A budget that cannot hold the minimum — the graphs, one product of one vector and
+:func:`smallest_basis` float32 basis vectors — is a :class:`~hesscli.errors.MemoryBudgetError` (exit 3) that says what would fit,
 raised before any product.
 
 The budget covers what the run allocates on top of the open session: the model's parameters and
@@ -40,6 +40,14 @@ def WANT_NCV(k: int, b: int) -> int:  # noqa: N802 - a formula, named as in lanc
     return max(2 * k + 2 * b, k + 6 * b, 128)
 
 
+def smallest_basis(k: int, b: int) -> int:
+    """The fewest basis vectors a plan gives Lanczos for k pairs with blocks of b: max(k + 3b,
+    2k + 2b) (ARPACK's advice is at least 2k + 1). Measured on the MiniLM classifier
+    (``bench/minilm.py``): with 9 vectors for the top 5 (b = 1) the fifth Ritz value converged to
+    the eigenvalue below the fifth — a small residual, a missed eigenvalue; 12 found it."""
+    return max(k + 3 * b, 2 * k + 2 * b)
+
+
 @dataclass
 class MatrixFreePlan:
     """What a matrix-free run may hold (bytes) and how it is cut: ``block_size`` vectors per
@@ -58,6 +66,7 @@ class MatrixFreePlan:
     probe_chunk: int
     bytes: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    micro_batch: int | None = None  # samples per piece when the plan cut the data smaller (api._plan)
 
     @property
     def total(self) -> int:
@@ -87,10 +96,12 @@ def batch_of(b: int, n: int, itemsize: int, graph_bytes: int) -> int:
 def work_bytes(b: int, n: int, size: int) -> int:
     """The eigensolver's own vectors beside its basis, for a block of b and a basis of ``size``-byte
     numbers: the block's products (b·n, stored like the basis: they become the residual and then
-    the next block in place; growing the block adds as many), and three float64 column slabs (the
-    widened basis, the block, a rotation): every re-orthogonalisation works in place a slab at a
-    time."""
-    return b * n * size + 3 * min(SLAB_BYTES, 64 * n * 8)
+    the next block in place; growing the block adds as many), three float64 column slabs (the
+    widened basis, the block, a rotation: every re-orthogonalisation works in place a slab at a
+    time), and the transients a step holds besides (one product's output on its way into the block,
+    the allocator's slack): 2·n·8, calibrated on the MiniLM classifier (``bench/minilm.py``: with
+    3 GB planned the resident set grew 0.34 GB more than basis, block and product during Lanczos)."""
+    return b * n * size + 3 * min(SLAB_BYTES, 64 * n * 8) + 2 * n * 8
 
 
 def plan_matrix_free(
@@ -122,7 +133,7 @@ def plan_matrix_free(
     k = max(1, min(k, n))
     b = block_size or int(min(4, k))
     ritz = k * n * 8 if eigenvectors else 0
-    min_basis = (k + 3) * n * 4
+    min_basis = smallest_basis(k, 1) * n * 4
 
     def product(b: int) -> int:
         return _product_bytes(batch_of(b, n, itemsize, graph_bytes), n, itemsize, graph_bytes)
@@ -130,24 +141,24 @@ def plan_matrix_free(
     def need(b: int, m: int, size: int) -> int:
         return fixed + ritz + product(b) + m * n * size + work_bytes(b, n, size)
 
-    minimum = need(1, k + 3, 4)
+    minimum = need(1, smallest_basis(k, 1), 4)
     if minimum > budget:
         raise MemoryBudgetError(
             f"{what} of P = {n:,} parameters needs at least {fmt_bytes(minimum)} (the gradient graph "
             f"{fmt_bytes(graphs)}, one Hessian-vector product {fmt_bytes(product(1))}, "
-            f"{k + 3} float32 basis vectors {fmt_bytes(min_basis)}, the eigensolver's work vectors "
+            f"{smallest_basis(k, 1)} float32 basis vectors {fmt_bytes(min_basis)}, the eigensolver's work vectors "
             f"{fmt_bytes(work_bytes(1, n, 4) + ritz)}), over the budget of {fmt_bytes(budget)} "
             f"(--max-memory); raise --max-memory to {fmt_bytes(minimum)} or more, or lower --batch-size "
             "(a smaller graph) or --params"
         )
     if block_size is None:
-        while b > 1 and need(b, k + 3 * b, 4) > budget:
+        while b > 1 and need(b, smallest_basis(k, b), 4) > budget:
             b -= 1
         if b < min(4, k):
             notes.append(f"block size at most {b} (default up to {min(4, k)}): a larger block does not fit")
-    elif need(b, k + 3 * b, 4) > budget:
+    elif need(b, smallest_basis(k, b), 4) > budget:
         raise MemoryBudgetError(
-            f"--block-size {b} needs {fmt_bytes(need(b, k + 3 * b, 4))} with the smallest basis, over the budget of "
+            f"--block-size {b} needs {fmt_bytes(need(b, smallest_basis(k, b), 4))} with the smallest basis, over the budget of "
             f"{fmt_bytes(budget)} (--max-memory); a block of 1 needs {fmt_bytes(minimum)}"
         )
     want = ncv if ncv is not None else WANT_NCV(k, b)
@@ -174,7 +185,7 @@ def plan_matrix_free(
                          "and reorthogonalisation accumulate in float64")
         else:
             m, dtype = int(min(want, m64)), "float64"
-        m = max(m, k + 3 * b)
+        m = max(m, smallest_basis(k, b))
         if m < want:
             notes.append(f"basis of {m} vectors (default {want}): the budget holds no more; expect more restarts")
     size = 8 if dtype == "float64" else 4

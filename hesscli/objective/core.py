@@ -817,6 +817,32 @@ class Objective:
         """The number of pieces (micro-batches) of this rank's data."""
         return len(self._piece_counts)
 
+    def can_rebatch(self) -> bool:
+        """Whether :meth:`rebatch` may cut the data differently without changing the objective: not
+        for a fixed-batch export, under torchrun, or with ``--loss model`` returning a mean (its
+        pieces are weighted by their sizes, which is exact only for one piece)."""
+        return (self.static_batch is None and self.comm is None
+                and not (self.loss.name == "model" and self._loss_form == "mean"))
+
+    def largest_piece(self) -> int:
+        """The most samples in one piece (micro-batch) of this rank's data."""
+        return max((_n(x) for x, _ in self.data.pieces(self.batch_size)), default=0)
+
+    def rebatch(self, batch_size: int) -> None:
+        """Evaluate the data in micro-batches of at most ``batch_size`` samples from now on (the
+        memory plan's choice when the whole batch's gradient graph and product do not fit). The
+        objective is the same sum of loss terms over the same samples — products agree to rounding —
+        and the kept graphs and measured graph size are dropped. Raises ValueError when
+        :meth:`can_rebatch` is false."""
+        if not self.can_rebatch():
+            raise ValueError("rebatch: this objective's data cannot be cut differently")
+        if batch_size < 1:
+            raise ValueError(f"rebatch: batch_size must be at least 1 (got {batch_size})")
+        self.batch_size = int(batch_size)
+        self._piece_counts = [float(_n(x)) for x, _ in self.data.pieces(self.batch_size)]
+        self._cache = None
+        self.linearization_bytes = 0
+
     def products(self, V: torch.Tensor, tensors: Sequence[int] | None = None) -> torch.Tensor:
         """The one product function: H·V (or the diagonal block on ``tensors``) for the rows of V.
 
@@ -880,7 +906,8 @@ class Objective:
         a wrong second derivative breaks it by O(1). Returns
         (max |M_ab − M_ba| / (‖Hu_a‖‖u_b‖ + ‖Hu_b‖‖u_a‖), "name_a / name_b"). Costs 2·groups HVPs.
 
-        Memory: each u_i is kept as its group's segment only (2·P numbers in all), and the products
+        Memory: each u_i is kept as its group's segment only (2·P numbers in all, in the products'
+        dtype), and the products
         are taken ``chunk`` vectors at a time, each consumed into M before the next chunk — never
         2·groups full vectors at once (5.8 GB at 22.7M parameters before)."""
         T = len(self.names)
@@ -890,27 +917,27 @@ class Objective:
         spans, segs = [], []
         for g in groups:
             a, b = self.offsets[g[0]], self.offsets[g[-1] + 1]
-            pair = torch.randn(2, b - a, generator=gen, dtype=torch.float64)
+            pair = torch.randn(2, b - a, generator=gen, dtype=torch.float64).to(self.dtype)
             for r in range(2):
                 spans.append((a, b))
                 segs.append(pair[r])
         m = len(segs)
         M = torch.zeros(m, m, dtype=torch.float64)
         norms_hu = torch.zeros(m, dtype=torch.float64)
-        norms_u = torch.stack([s.norm() for s in segs])
+        norms_u = torch.stack([torch.linalg.vector_norm(s.double()) for s in segs])
         chunk = max(1, int(chunk))
         for c0 in range(0, m, chunk):
             idx = range(c0, min(c0 + chunk, m))
             U = torch.zeros(len(idx), self.P, dtype=self.dtype)
             for row, j in enumerate(idx):
                 a, b = spans[j]
-                U[row, a:b] = segs[j].to(self.dtype)
-            HU = self.hvp(U).to(torch.float64).cpu()
+                U[row, a:b] = segs[j]
+            HU = self.hvp(U).cpu()  # the products' dtype: each dot product below is float64, a segment at a time
             del U
             for row, j in enumerate(idx):
-                norms_hu[j] = HU[row].norm()
+                norms_hu[j] = torch.linalg.vector_norm(HU[row].double())
                 for i, (a, b) in enumerate(spans):  # M[i, j] = u_iᵀ H u_j
-                    M[i, j] = segs[i] @ HU[row, a:b]
+                    M[i, j] = segs[i].double() @ HU[row, a:b].double()
             del HU
         denom = norms_hu[:, None] * norms_u[None, :] + norms_u[:, None] * norms_hu[None, :]
         # a block that is zero up to rounding (e.g. a conv bias before an InstanceNorm) has an O(1)
