@@ -166,3 +166,29 @@ def test_per_block_equals_dense_blocks(tmp_path, capsys):
             np.abs(z[f"blocks/{n}/eigenvalues"]).sum() for n in names)
         assert int(s["matvecs"]) == int(z["block_offsets"][-1])
     assert "trace per block" in err
+
+
+def test_ill_conditioned_sketch_is_orthonormalised_in_place(monkeypatch):
+    """A Hutch++ sketch whose rows differ in scale by 1e12 (Cholesky QR is not enough) is made
+    orthonormal by Gram–Schmidt in place — no Householder QR (it held 2·s·n more numbers: 15.8 GB
+    on the MiniLM classifier) — spanning the same rows; a dependent row is dropped."""
+    import torch
+
+    from hesscli.algorithms.trace import _gram_schmidt_rows_, _orthonormalize_rows_
+
+    def no_qr(*a, **k):
+        raise AssertionError("Householder QR of the sketch")
+
+    monkeypatch.setattr(torch.linalg, "qr", no_qr)
+    gen = torch.Generator().manual_seed(0)
+    Y = torch.randn(12, 4000, generator=gen, dtype=torch.float64) * torch.logspace(0, -12, 12, dtype=torch.float64)[:, None]
+    Y[7] = 3 * Y[2] - Y[5]
+    Y0 = Y.clone()
+    for Q in (_orthonormalize_rows_(Y), _gram_schmidt_rows_(Y0.clone())):
+        s = Q.shape[0]
+        assert s in (11, 12)  # Cholesky QR may keep a rounding-level twelfth direction, orthonormal too
+        assert float((Q @ Q.T - torch.eye(s, dtype=torch.float64)).abs().max()) < 1e-10
+        for i in range(12):  # every row of the sketch lies in the span
+            r = Y0[i] - (Q @ Y0[i]) @ Q
+            assert float(r.norm()) <= 1e-9 * float(Y0[i].norm())
+    assert _gram_schmidt_rows_(Y0.clone()).shape[0] == 11  # the dependent row is dropped
