@@ -112,8 +112,10 @@ def _plan_micro_batched(session: Session, budget: int, make) -> MatrixFreePlan:
             except MemoryBudgetError as e:
                 last = e
                 continue
-            plan.notes.append(f"micro-batches of {size} samples ({obj.n_pieces()} pieces): the whole batch's gradient "
-                              f"graph and product do not fit the budget of {fmt_bytes(budget)}")
+            note = (f"micro-batches of {size} samples ({obj.n_pieces()} pieces): the whole batch's gradient graph and "
+                    f"product do not fit the budget of {fmt_bytes(budget)} (--max-memory); the loss is the same")
+            plan.notes.append(note)
+            obj.info.notes.append(note)
             plan.micro_batch = size
             return plan
         raise last from None  # what the smallest micro-batches would need

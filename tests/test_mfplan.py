@@ -256,3 +256,4 @@ def test_a_budget_below_the_whole_batch_cuts_micro_batches(samples):
     assert any(n.startswith("micro-batches of") for n in mp["notes"])
     assert cut.meta["graph_pieces"] > 1
     np.testing.assert_allclose(cut.eigenvalues, whole.eigenvalues, rtol=2e-5)
+    assert any(n.startswith("micro-batches of") for n in cut.notes)  # said to the user, not only in meta
