@@ -32,7 +32,7 @@ from hesscli.algorithms import density as density_alg
 from hesscli.algorithms import trace as trace_alg
 from hesscli.algorithms.dense import DenseResult, dense_hessian, plan_dense
 from hesscli.algorithms.lanczos import EigResult, lanczos, select, stored_eigs
-from hesscli.algorithms.mfplan import MatrixFreePlan, plan_matrix_free
+from hesscli.algorithms.mfplan import MatrixFreePlan, plan_matrix_free, work_bytes
 from hesscli.algorithms.operators import HessianOperator
 from hesscli.errors import HesscliError, MemoryBudgetError, UsageError
 from hesscli.io.data import Dataset
@@ -103,7 +103,7 @@ def _plan_micro_batched(session: Session, budget: int, make) -> MatrixFreePlan:
     except MemoryBudgetError as first:
         if session.spec.batch_size is not None or not obj.can_rebatch():
             raise
-        size, last = obj.largest_piece(), first
+        size, last, before = obj.largest_piece(), first, obj.batch_size
         while size > 1:
             size = (size + 1) // 2
             obj.rebatch(size)
@@ -118,6 +118,7 @@ def _plan_micro_batched(session: Session, budget: int, make) -> MatrixFreePlan:
             obj.info.notes.append(note)
             plan.micro_batch = size
             return plan
+        obj.rebatch(before)  # a reused session keeps its own pieces
         raise last from None  # what the smallest micro-batches would need
 
 
@@ -137,15 +138,21 @@ def _plan(session: Session, max_memory, comm, what: str, k: int = 1, block_size:
         budget = int(comm.minimum(budget))
     with stage(comm):
         itemsize = torch.empty((), dtype=obj.dtype).element_size()
-        plan = _plan_micro_batched(session, budget, lambda graph: plan_matrix_free(
-            obj.P, itemsize, graph, budget, k, block_size, ncv, 1, what, ncv_name, eigenvectors))
+
+        def make(graph: int) -> MatrixFreePlan:
+            plan = plan_matrix_free(obj.P, itemsize, graph, budget, k, block_size, ncv, 1, what, ncv_name, eigenvectors)
+            if float64_only and plan.basis_dtype != "float64":
+                need = (plan.total - plan.bytes["basis"] - plan.bytes["work"] + plan.ncv * obj.P * 8
+                        + work_bytes(plan.block_size, obj.P, 8))
+                raise MemoryBudgetError(
+                    f"{what} of P = {obj.P:,} parameters keeps {plan.ncv} float64 vectors "
+                    f"({fmt_bytes(plan.ncv * obj.P * 8)}) and needs about {fmt_bytes(need)}, over the budget of "
+                    f"{fmt_bytes(budget)} (--max-memory); {float64_only}"
+                )
+            return plan
+
+        plan = _plan_micro_batched(session, budget, make)
         graph = obj.linearization_bytes
-        if float64_only and plan.basis_dtype != "float64":
-            need = plan.total - plan.bytes["basis"] + plan.ncv * obj.P * 8
-            raise MemoryBudgetError(
-                f"{what} of P = {obj.P:,} parameters keeps {plan.ncv} float64 vectors ({fmt_bytes(plan.ncv * obj.P * 8)}) "
-                f"and needs about {fmt_bytes(need)}, over the budget of {fmt_bytes(budget)} (--max-memory); {float64_only}"
-            )
         graphs = obj.plan_graphs(max(budget - (plan.total - plan.bytes["graphs"]), 0))
         if graphs["graph_policy"] == "kept" and obj.n_pieces() > 1:
             first = plan

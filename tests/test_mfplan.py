@@ -257,3 +257,50 @@ def test_a_budget_below_the_whole_batch_cuts_micro_batches(samples):
     assert cut.meta["graph_pieces"] > 1
     np.testing.assert_allclose(cut.eigenvalues, whole.eigenvalues, rtol=2e-5)
     assert any(n.startswith("micro-batches of") for n in cut.notes)  # said to the user, not only in meta
+
+
+def test_a_hessian_of_norm_1e13_converges():
+    """The block's second Cholesky pass judges its (now unit) rows against 1, not against ‖H‖: with
+    ‖H‖ = 1e13 (a sum over many samples) every row was taken for a vanishing one before."""
+    rng = np.random.default_rng(3)
+    d = np.concatenate([[100.0, 90.0, 80.0], rng.uniform(1, 50, 397)]) * 1e13
+    r = lanczos(Diagonal(d), 3, tol=1e-8, ncv=40)
+    assert r.converged.all()
+    np.testing.assert_allclose(r.eigenvalues, np.sort(d)[-3:], rtol=1e-8)
+
+
+class InterruptAfter(Diagonal):
+    def __init__(self, d, after):
+        super().__init__(d)
+        self.after = after
+
+    def _apply(self, V):
+        if self.matvecs >= self.after:
+            raise KeyboardInterrupt
+        return super()._apply(V)
+
+
+def test_sigint_after_a_thick_restart_returns_the_kept_ritz_pairs():
+    """An interrupt after a thick restart reports the kept Ritz pairs of the rotated basis: the
+    vectors are orthonormal and their Rayleigh quotients are the reported values."""
+    rng = np.random.default_rng(4)
+    d = np.concatenate([[100.0, 99.8, 99.5], rng.uniform(0, 99, 2000)])
+    op = InterruptAfter(d, 30)
+    r = lanczos(op, 3, tol=1e-12, ncv=20, block_size=2, eigenvectors=True)
+    assert r.interrupted and r.restarts >= 1
+    U = r.eigenvectors
+    assert np.abs(U.T @ U - np.eye(3)).max() < 1e-10
+    HU = np.stack([Diagonal(d)._apply(torch.from_numpy(U[:, i].copy())[None])[0].numpy() for i in range(3)], 1)
+    np.testing.assert_allclose((U * HU).sum(0), r.eigenvalues, rtol=1e-10)
+
+
+def test_a_failed_micro_batch_search_leaves_the_session_as_it_was(samples):
+    """A budget too small even for single samples: exit 3, and the open session keeps its own
+    pieces for the next call (not single samples)."""
+    from hesscli.api import session_for
+
+    s = session_for(str(samples / "digits_cnn.pt"), str(samples / "digits_images.pt"))
+    pieces = s.objective.n_pieces()
+    with pytest.raises(MemoryBudgetError):
+        hesscli.spectrum(s, top_k=2, max_memory="200KB")
+    assert s.objective.n_pieces() == pieces and s.objective.batch_size is None

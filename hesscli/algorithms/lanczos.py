@@ -128,7 +128,7 @@ def _finish(op, theta, U, k_norm, tol, t0, mv0, restarts, method, b, eigenvector
     order = np.argsort(theta, kind="stable")
     theta, res = theta[order], res[order]
     conv = res <= tol * k_norm
-    vecs = U[torch.as_tensor(order, device=U.device)].T.cpu().numpy() if eigenvectors else None
+    vecs = U[torch.as_tensor(order, device=U.device)].to(torch.float64).T.cpu().numpy() if eigenvectors else None
     notes = []
     if method == "block-lanczos" and b > 0 and len(theta) >= b:
         close = np.abs(np.diff(theta)) <= max(tol, 1e3 * op.eps) * k_norm
@@ -287,7 +287,6 @@ def _orth_block(R: torch.Tensor, V: torch.Tensor, gen: torch.Generator, scale: f
     (an invariant subspace, fewer dimensions left than vectors, or a Gram matrix more than 1e4
     conditioned) goes to :func:`_orth_block_careful`, vector by vector in float64."""
     bx = R.shape[0]
-    floor = 1e-12 * max(scale, 1e-300)
     eye = torch.eye(bx, dtype=torch.float64)
     L = eye.clone()
     try:
@@ -295,17 +294,19 @@ def _orth_block(R: torch.Tensor, V: torch.Tensor, gen: torch.Generator, scale: f
             G = basis_coefficients(R, R).cpu()
             G = (G + G.T) / 2
             d = torch.sqrt(torch.clamp(torch.diagonal(G), min=0.0))
-            if float(d.min()) <= floor or not bool(torch.isfinite(G).all()):
+            if float(d.min()) <= 1e-12 * max(scale, 1e-300) or not bool(torch.isfinite(G).all()):
                 raise torch.linalg.LinAlgError("a vanishing direction")
             Lk = torch.linalg.cholesky(G)
             # a row that mostly cancels against the rows before it (‖r_i‖ ≫ its own new direction)
             # would lose its orthogonality to V by that factor: the careful path instead
             if float((d / torch.diagonal(Lk)).max()) > 1e2:
                 raise torch.linalg.LinAlgError("a near-dependent block")
-            _rotate_(R, bx, torch.linalg.solve_triangular(Lk, eye, upper=False).T)  # R ← L_k⁻¹ R in place
+            Linv = torch.linalg.solve_triangular(Lk, eye, upper=False)
+            _rotate_(R, bx, Linv.T.to(R.device))  # R ← L_k⁻¹ R in place
             L = L @ Lk
+            scale = 1.0  # the rows have unit norm now: a vanishing row is judged against that
         return R, L
-    except (torch.linalg.LinAlgError, RuntimeError):
+    except torch.linalg.LinAlgError:
         X, L2 = _orth_block_careful(R, V, gen, scale)
         return X, L @ L2
 
@@ -521,6 +522,11 @@ def lanczos(
                 T = torch.diag(theta_t[torch.as_tensor(keep)])
                 nmult = len(keep)
                 restarts += 1
+                # what an interrupt before the next step reports refers to the rotated basis:
+                # the kept Ritz pairs (want ⊂ keep for every `which`)
+                want = np.searchsorted(keep, want)
+                theta, est = theta[keep], est[keep]
+                S = torch.eye(len(keep), dtype=torch.float64)
             else:
                 at = rows
             buf[at : at + bx] = Xnew

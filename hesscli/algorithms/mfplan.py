@@ -32,7 +32,7 @@ from hesscli.algorithms.operators import default_chunk
 from hesscli.errors import MemoryBudgetError
 from hesscli.runtime.memory import fmt_bytes
 
-__all__ = ["MatrixFreePlan", "plan_matrix_free", "WANT_NCV"]
+__all__ = ["MatrixFreePlan", "plan_matrix_free", "WANT_NCV", "batch_of", "work_bytes", "smallest_basis"]
 
 
 def WANT_NCV(k: int, b: int) -> int:  # noqa: N802 - a formula, named as in lanczos.default_ncv

@@ -57,10 +57,9 @@ class SymOperator:
         Vb = V.reshape(1, -1) if single else V
         if Vb.shape[-1] != self.n:
             raise ValueError(f"matmat: vectors of length {Vb.shape[-1]}, expected n = {self.n}")
-        Vb = Vb.to(self.device, self.product_dtype)
         out = torch.empty(Vb.shape[0], self.n, dtype=dtype, device=self.device)
-        for i in range(0, Vb.shape[0], self.chunk):
-            out[i : i + self.chunk] = self._apply(Vb[i : i + self.chunk])
+        for i in range(0, Vb.shape[0], self.chunk):  # converted a chunk at a time: no copy of the whole block
+            out[i : i + self.chunk] = self._apply(Vb[i : i + self.chunk].to(self.device, self.product_dtype))
         self.matvecs += Vb.shape[0]
         return out[0] if single else out
 

@@ -828,17 +828,18 @@ class Objective:
         """The most samples in one piece (micro-batch) of this rank's data."""
         return max((_n(x) for x, _ in self.data.pieces(self.batch_size)), default=0)
 
-    def rebatch(self, batch_size: int) -> None:
+    def rebatch(self, batch_size: int | None) -> None:
         """Evaluate the data in micro-batches of at most ``batch_size`` samples from now on (the
-        memory plan's choice when the whole batch's gradient graph and product do not fit). The
+        memory plan's choice when the whole batch's gradient graph and product do not fit; None: whole
+        shards, as without ``--batch-size``). The
         objective is the same sum of loss terms over the same samples — products agree to rounding —
         and the kept graphs and measured graph size are dropped. Raises ValueError when
         :meth:`can_rebatch` is false."""
         if not self.can_rebatch():
             raise ValueError("rebatch: this objective's data cannot be cut differently")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"rebatch: batch_size must be at least 1 (got {batch_size})")
-        self.batch_size = int(batch_size)
+        self.batch_size = None if batch_size is None else int(batch_size)
         self._piece_counts = [float(_n(x)) for x, _ in self.data.pieces(self.batch_size)]
         self._cache = None
         self.linearization_bytes = 0
