@@ -128,7 +128,9 @@ def _finish(op, theta, U, k_norm, tol, t0, mv0, restarts, method, b, eigenvector
     order = np.argsort(theta, kind="stable")
     theta, res = theta[order], res[order]
     conv = res <= tol * k_norm
-    vecs = U[torch.as_tensor(order, device=U.device)].to(torch.float64).T.cpu().numpy() if eigenvectors else None
+    # in the basis dtype: a float32 basis's vectors are float32-accurate, and a float64 copy of k
+    # vectors of 22.7M parameters put the 5 GB MiniLM run at 5.99 GB instead of 5.12
+    vecs = U[torch.as_tensor(order, device=U.device)].T.cpu().numpy() if eigenvectors else None
     notes = []
     if method == "block-lanczos" and b > 0 and len(theta) >= b:
         close = np.abs(np.diff(theta)) <= max(tol, 1e3 * op.eps) * k_norm

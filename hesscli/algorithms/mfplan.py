@@ -124,8 +124,9 @@ def plan_matrix_free(
     ``block_size`` / ``ncv``: the user's choices, kept when they fit (a requested basis that does
     not fit is an error, not silently shrunk; ``ncv_name`` says which option asked for it, e.g.
     ``--steps`` for SLQ). Without ``block_size`` the plan's block is the largest Lanczos may grow to
-    (min(4, k), lowered until it fits). ``eigenvectors``: the k returned vectors are copied out
-    (float64) at the end; otherwise the Ritz vectors overwrite the basis and cost nothing more.
+    (min(4, k), lowered until it fits). ``eigenvectors``: the k returned vectors are copied out (in
+    the basis dtype; charged as float64) at the end; otherwise the Ritz vectors overwrite the basis
+    and cost nothing more.
     Raises :class:`MemoryBudgetError` naming the minimum that would fit."""
     notes: list[str] = []
     graphs = graph_bytes * max(graphs_kept, 1)  # a graph's bytes include its gradient (measured)
@@ -191,7 +192,7 @@ def plan_matrix_free(
     size = 8 if dtype == "float64" else 4
     probe_chunk = batch_of(b, n, itemsize, graph_bytes)  # the probe's vectors are batched products too
     parts = {
-        "ritz_vectors": int(ritz),  # --eigenvectors: the returned vectors copied out, float64
+        "ritz_vectors": int(ritz),  # --eigenvectors: the returned vectors copied out (charged as float64)
         "graphs": int(graphs),
         "product": int(product(b)),
         "basis": int(m * n * size),
