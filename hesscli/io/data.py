@@ -224,6 +224,17 @@ class Dataset:
         """The number of samples in all shards (their ranges)."""
         return sum(s.size for s in self.shards)
 
+    def piece_sizes(self, batch_size: int | None = None) -> list[int]:
+        """The samples in each piece :meth:`pieces` yields, from the shards' ranges alone (no
+        shard is read)."""
+        out: list[int] = []
+        for shard in self.shards:
+            if shard.size == 0:
+                continue
+            step = batch_size or shard.size
+            out += [min(step, shard.size - s) for s in range(0, shard.size, step)]
+        return out
+
     def _load(self, shard: Shard) -> tuple[tuple, bool]:
         """((inputs, targets) of the whole file, whether the cache keeps them)."""
         hit = self._cache.get(shard.path)

@@ -826,7 +826,7 @@ class Objective:
 
     def largest_piece(self) -> int:
         """The most samples in one piece (micro-batch) of this rank's data."""
-        return max((_n(x) for x, _ in self.data.pieces(self.batch_size)), default=0)
+        return max(self.data.piece_sizes(self.batch_size), default=0)
 
     def rebatch(self, batch_size: int | None) -> None:
         """Evaluate the data in micro-batches of at most ``batch_size`` samples from now on (the
@@ -840,7 +840,7 @@ class Objective:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"rebatch: batch_size must be at least 1 (got {batch_size})")
         self.batch_size = None if batch_size is None else int(batch_size)
-        self._piece_counts = [float(_n(x)) for x, _ in self.data.pieces(self.batch_size)]
+        self._piece_counts = [float(c) for c in self.data.piece_sizes(self.batch_size)]  # no data is read
         self._cache = None
         self.linearization_bytes = 0
 
